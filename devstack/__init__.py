@@ -1,0 +1,1 @@
+"""The local dev stack behind `make run`."""

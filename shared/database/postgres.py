@@ -1,0 +1,194 @@
+"""Direct PostgreSQL transport: psycopg 3 with an async pool.
+
+Each call runs in its own transaction that first sets `statement_timeout`
+and `lock_timeout` to what is left of the budget, so the server stops the
+work even if this process dies; the client side is bounded by
+`asyncio.timeout`. Pool acquisition counts against the same budget.
+Cancelling the task (grpc.aio does so when the caller's deadline passes)
+makes psycopg send a cancel request, so no statement outlives its RPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from shared.database import DEFAULT_CALL_CAP_S
+from shared.database.errors import error_from_sqlstate
+from shared.deadline import MIN_BUDGET_S, Deadline
+from shared.errors import DeadlineExceeded, Unavailable
+from shared.logs import timed_call
+
+log = logging.getLogger(__name__)
+
+# Extra client-side wait past the server-side timeout, so that the server's
+# own (clean) statement_timeout error normally wins the race.
+CLIENT_GRACE_S = 0.05
+
+
+class _Reachability:
+    """Whether the last attempt to open a connection failed."""
+
+    def __init__(self) -> None:
+        self.down_since: float | None = None
+
+
+def _tracked_connection_class(reach: _Reachability) -> type[psycopg.AsyncConnection[Any]]:
+    class TrackedConnection(psycopg.AsyncConnection[Any]):
+        @classmethod
+        async def connect(cls, *args: Any, **kwargs: Any) -> TrackedConnection:  # type: ignore[override]
+            try:
+                conn = await super().connect(*args, **kwargs)
+            except psycopg.OperationalError:
+                if reach.down_since is None:
+                    reach.down_since = time.monotonic()
+                raise
+            reach.down_since = None
+            return conn
+
+    return TrackedConnection
+
+
+class PostgresDatabase:
+    name = "postgres"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        application_name: str,
+        min_size: int = 1,
+        max_size: int = 10,
+        slow_call_ms: int = 3000,
+    ) -> None:
+        self._reach = _Reachability()
+        self._slow_call_ms = slow_call_ms
+        self._pool = AsyncConnectionPool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            open=False,
+            kwargs={"application_name": application_name, "autocommit": True, "connect_timeout": 5},
+            connection_class=_tracked_connection_class(self._reach),
+            # Retry connecting in the background quickly after an outage.
+            reconnect_timeout=3600,
+        )
+
+    async def open(self, wait_s: float | None = None) -> None:
+        await self._pool.open(wait=wait_s is not None, timeout=wait_s or 30.0)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def ping(self, deadline: Deadline) -> None:
+        await self._run(sql.SQL("SELECT 1"), {}, deadline, cap_s=2.0, operation="ping")
+
+    async def call(
+        self,
+        function: str,
+        args: Mapping[str, Any],
+        deadline: Deadline,
+        *,
+        cap_s: float = DEFAULT_CALL_CAP_S,
+        tenant_id: str | None = None,
+    ) -> Any:
+        query = sql.SQL("SELECT {}({})").format(
+            sql.Identifier(function),
+            sql.SQL(", ").join(
+                sql.SQL("{} => {}").format(sql.Identifier(name), sql.Placeholder(name))
+                for name in args
+            ),
+        )
+        return await self._run(
+            query, args, deadline, cap_s=cap_s, operation=function, tenant_id=tenant_id
+        )
+
+    async def _run(
+        self,
+        query: sql.Composable,
+        args: Mapping[str, Any],
+        deadline: Deadline,
+        *,
+        cap_s: float,
+        operation: str,
+        tenant_id: str | None = None,
+    ) -> Any:
+        budget = deadline.budget(cap_s, operation)
+        ends_at = time.monotonic() + budget
+        try:
+            with timed_call(
+                log,
+                operation,
+                budget_s=budget,
+                slow_ms=self._slow_call_ms,
+                tenant_id=tenant_id,
+                transport=self.name,
+            ):
+                async with asyncio.timeout(budget + CLIENT_GRACE_S):
+                    if (
+                        self._reach.down_since is not None
+                        and self._pool.get_stats().get("pool_available", 0) == 0
+                    ):
+                        raise Unavailable(
+                            "database unreachable",
+                            reason="DB_UNAVAILABLE",
+                            metadata={"operation": operation},
+                        )
+                    async with self._pool.connection(timeout=budget) as conn:
+                        left_ms = int((ends_at - time.monotonic()) * 1000)
+                        if left_ms < MIN_BUDGET_S * 1000:
+                            raise DeadlineExceeded(
+                                "deadline exhausted while waiting for a database connection",
+                                reason="BUDGET_EXHAUSTED",
+                                metadata={"operation": operation},
+                            )
+                        async with conn.transaction():
+                            await conn.execute(
+                                "SELECT set_config('statement_timeout', %(ms)s, true),"
+                                " set_config('lock_timeout', %(ms)s, true)",
+                                {"ms": str(left_ms)},
+                            )
+                            cursor = await conn.execute(query, dict(args))
+                            row = await cursor.fetchone()
+                            return row[0] if row else None
+        except PoolTimeout:
+            if self._reach.down_since is not None:
+                raise Unavailable(
+                    "database unreachable",
+                    reason="DB_UNAVAILABLE",
+                    metadata={"operation": operation},
+                ) from None
+            raise DeadlineExceeded(
+                "no database connection free within the deadline",
+                reason="POOL_EXHAUSTED",
+                metadata={"operation": operation},
+            ) from None
+        except TimeoutError:
+            raise DeadlineExceeded(
+                "database call timed out", reason="DB_TIMEOUT", metadata={"operation": operation}
+            ) from None
+        except psycopg.Error as exc:
+            diag = getattr(exc, "diag", None)
+            sqlstate = exc.sqlstate or (diag.sqlstate if diag else None)
+            if sqlstate is None and isinstance(exc, psycopg.OperationalError):
+                raise Unavailable(
+                    "database connection failed",
+                    reason="DB_UNAVAILABLE",
+                    metadata={"operation": operation},
+                ) from None
+            error = error_from_sqlstate(
+                sqlstate,
+                diag.message_primary if diag and diag.message_primary else str(exc),
+                diag.message_hint if diag else None,
+                operation,
+            )
+            if tenant_id is not None:
+                error.metadata["tenant_id"] = tenant_id
+            raise error from None

@@ -1,0 +1,76 @@
+"""Structured logging: one line per event, `event key=value ...`.
+
+Only the fields passed are logged; credentials are never among them.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s", "%Y-%m-%dT%H:%M:%S")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def kv(event: str, **fields: Any) -> str:
+    parts = [event]
+    for key, value in fields.items():
+        if value is None:
+            continue
+        text = f"{value:.1f}" if isinstance(value, float) else str(value)
+        if not text or any(c.isspace() or c in '"=' for c in text):
+            text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+@contextmanager
+def timed_call(
+    log: logging.Logger,
+    operation: str,
+    *,
+    budget_s: float,
+    slow_ms: int,
+    tenant_id: str | None = None,
+    transport: str | None = None,
+) -> Iterator[None]:
+    """Warn about a call slower than `slow_ms`, and about one that timed out."""
+    started = time.monotonic()
+    try:
+        yield
+    except TimeoutError:
+        log.warning(
+            kv(
+                "call_timeout",
+                operation=operation,
+                transport=transport,
+                tenant_id=tenant_id,
+                budget_ms=budget_s * 1000,
+                elapsed_ms=(time.monotonic() - started) * 1000,
+            )
+        )
+        raise
+    finally:
+        elapsed_ms = (time.monotonic() - started) * 1000
+        if elapsed_ms > slow_ms:
+            log.warning(
+                kv(
+                    "slow_call",
+                    operation=operation,
+                    transport=transport,
+                    tenant_id=tenant_id,
+                    budget_ms=budget_s * 1000,
+                    duration_ms=elapsed_ms,
+                )
+            )

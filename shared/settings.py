@@ -1,0 +1,86 @@
+"""Configuration from the environment (design §8), with safe defaults."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.errors import FailedPrecondition
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise FailedPrecondition(
+            f"{name} must be a number of seconds", reason="BAD_CONFIG"
+        ) from None
+    if not 0 < value <= 3600:
+        raise FailedPrecondition(f"{name} must be in (0, 3600]", reason="BAD_CONFIG")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None = None
+    supabase_url: str | None = None
+    # repr=False: settings get logged; keys must not be.
+    supabase_service_role_key: str | None = field(default=None, repr=False)
+    data_dir: Path = Path(".data")
+    crm_listen: str = "127.0.0.1:50051"
+    provisioning_listen: str = "127.0.0.1:50052"
+    auth_tokens_file: Path | None = None
+    sendgrid_api_key: str | None = field(default=None, repr=False)
+    sendgrid_api_host: str = "https://api.sendgrid.com"
+    clients_dir: Path = Path("clients")
+    crm_default_deadline_s: float = 10.0
+    provisioning_default_deadline_s: float = 60.0
+    slow_call_ms: int = 3000
+    db_pool_min: int = 1
+    db_pool_max: int = 10
+    dev_mode: bool = False
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    allow_insecure: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+
+        def path(name: str) -> Path | None:
+            return Path(env[name]) if env.get(name) else None
+
+        return cls(
+            database_url=env.get("DATABASE_URL") or None,
+            supabase_url=env.get("SUPABASE_URL") or None,
+            supabase_service_role_key=env.get("SUPABASE_SERVICE_ROLE_KEY") or None,
+            data_dir=Path(env.get("DATA_DIR") or ".data"),
+            crm_listen=env.get("CRM_LISTEN") or cls.crm_listen,
+            provisioning_listen=env.get("PROVISIONING_LISTEN") or cls.provisioning_listen,
+            auth_tokens_file=path("AUTH_TOKENS_FILE"),
+            sendgrid_api_key=env.get("SENDGRID_API_KEY") or None,
+            sendgrid_api_host=env.get("SENDGRID_API_HOST") or cls.sendgrid_api_host,
+            clients_dir=Path(env.get("CLIENTS_DIR") or "clients"),
+            crm_default_deadline_s=_seconds(env, "CRM_DEFAULT_DEADLINE_S", 10.0),
+            provisioning_default_deadline_s=_seconds(env, "PROVISIONING_DEFAULT_DEADLINE_S", 60.0),
+            slow_call_ms=int(env.get("SLOW_CALL_MS") or 3000),
+            db_pool_min=int(env.get("DB_POOL_MIN") or 1),
+            db_pool_max=int(env.get("DB_POOL_MAX") or 10),
+            dev_mode=_flag(env.get("DEV_MODE")),
+            tls_cert_file=path("TLS_CERT_FILE"),
+            tls_key_file=path("TLS_KEY_FILE"),
+            allow_insecure=_flag(env.get("ALLOW_INSECURE")),
+        )
+
+    @property
+    def uses_supabase(self) -> bool:
+        return bool(self.supabase_url and self.supabase_service_role_key)

@@ -32,8 +32,8 @@ def crm_examples(token: str, crm_address: str) -> list[tuple[str, list[str]]]:
             [GRPCURL, "-plaintext", crm_address, "list"],
         ),
         (
-            "Describe PipelineSummary",
-            [GRPCURL, "-plaintext", crm_address, "describe", "crm.v1.CrmService.PipelineSummary"],
+            "Describe the service",
+            [GRPCURL, "-plaintext", crm_address, "describe", "crm.v1.CrmService"],
         ),
         (
             "Pipeline summary of acme-travel",

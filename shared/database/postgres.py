@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 # Extra client-side wait past the server-side timeout, so that the server's
 # own (clean) statement_timeout error normally wins the race.
 CLIENT_GRACE_S = 0.05
+ACQUIRE_SLICE_S = 0.25
 
 
 class _Reachability:
@@ -110,6 +111,30 @@ class PostgresDatabase:
             query, args, deadline, cap_s=cap_s, operation=function, tenant_id=tenant_id
         )
 
+    async def _acquire(self, ends_at: float, operation: str) -> psycopg.AsyncConnection[Any]:
+        """A pooled connection before `ends_at`; fail fast while the database is down."""
+        while True:
+            if self._reach.down_since is not None and not self._pool.get_stats().get(
+                "pool_available"
+            ):
+                raise Unavailable(
+                    "database unreachable",
+                    reason="DB_UNAVAILABLE",
+                    metadata={"operation": operation},
+                )
+            left = ends_at - time.monotonic()
+            if left < MIN_BUDGET_S:
+                raise DeadlineExceeded(
+                    "no database connection free within the deadline",
+                    reason="POOL_EXHAUSTED",
+                    metadata={"operation": operation},
+                )
+            try:
+                # Wait in slices so that an outage noticed meanwhile fails the call fast.
+                return await self._pool.getconn(timeout=min(left, ACQUIRE_SLICE_S))
+            except PoolTimeout:
+                continue
+
     async def _run(
         self,
         query: sql.Composable,
@@ -132,16 +157,8 @@ class PostgresDatabase:
                 transport=self.name,
             ):
                 async with asyncio.timeout(budget + CLIENT_GRACE_S):
-                    if (
-                        self._reach.down_since is not None
-                        and self._pool.get_stats().get("pool_available", 0) == 0
-                    ):
-                        raise Unavailable(
-                            "database unreachable",
-                            reason="DB_UNAVAILABLE",
-                            metadata={"operation": operation},
-                        )
-                    async with self._pool.connection(timeout=budget) as conn:
+                    conn = await self._acquire(ends_at, operation)
+                    try:
                         left_ms = int((ends_at - time.monotonic()) * 1000)
                         if left_ms < MIN_BUDGET_S * 1000:
                             raise DeadlineExceeded(
@@ -158,18 +175,8 @@ class PostgresDatabase:
                             cursor = await conn.execute(query, dict(args))
                             row = await cursor.fetchone()
                             return row[0] if row else None
-        except PoolTimeout:
-            if self._reach.down_since is not None:
-                raise Unavailable(
-                    "database unreachable",
-                    reason="DB_UNAVAILABLE",
-                    metadata={"operation": operation},
-                ) from None
-            raise DeadlineExceeded(
-                "no database connection free within the deadline",
-                reason="POOL_EXHAUSTED",
-                metadata={"operation": operation},
-            ) from None
+                    finally:
+                        await self._pool.putconn(conn)
         except TimeoutError:
             raise DeadlineExceeded(
                 "database call timed out", reason="DB_TIMEOUT", metadata={"operation": operation}

@@ -1,0 +1,134 @@
+"""The caller's deadline reaches the database, and nothing outlives it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import psycopg
+import pytest
+import pytest_asyncio
+
+from shared.auth import TokenRegistry
+from shared.database.postgres import PostgresDatabase
+from shared.deadline import SAFETY_MARGIN_S, Deadline
+from shared.errors import DeadlineExceeded
+from shared.proto_gen.crm.v1 import crm_pb2, crm_pb2_grpc
+from tests.conftest import SERVICE_APP_NAME, TOKEN_READER, start_crm_server
+from tests.factories import create_tenant, unique_tenant
+from tests.rpc import bearer, error_info
+
+
+def test_no_deadline_gets_the_server_default() -> None:
+    before = time.monotonic()
+    deadline = Deadline.from_time_remaining(None, default_s=10.0)
+    assert 9.9 <= deadline.expires_at - before <= 10.1
+
+
+def test_absurd_deadline_counts_as_none() -> None:
+    deadline = Deadline.from_time_remaining(10.0**9, default_s=3.0)
+    assert deadline.remaining() <= 3.0
+
+
+def test_budget_is_capped_and_keeps_a_margin() -> None:
+    deadline = Deadline.after(2.0)
+    assert deadline.budget(cap_s=0.5) == 0.5
+    assert deadline.budget(cap_s=60.0) <= 2.0 - SAFETY_MARGIN_S
+
+
+def test_exhausted_budget_fails_fast() -> None:
+    with pytest.raises(DeadlineExceeded) as caught:
+        Deadline.after(0.01).budget(cap_s=5.0, operation="pipeline_summary")
+    assert caught.value.reason == "BUDGET_EXHAUSTED"
+
+
+async def test_exhausted_budget_never_touches_the_database(database: PostgresDatabase) -> None:
+    with pytest.raises(DeadlineExceeded):
+        await database.call("pg_sleep", {"seconds": 5}, Deadline.after(0.001))
+
+
+@pytest_asyncio.fixture
+async def blocked_tenant(database_url: str) -> AsyncIterator[str]:
+    """A tenant whose summary blocks: another connection holds a lock on quotes."""
+    tenant = unique_tenant("blocked")
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        create_tenant(conn, tenant)
+    holder = await psycopg.AsyncConnection.connect(database_url, application_name="lock_holder")
+    await holder.execute("LOCK TABLE quotes IN ACCESS EXCLUSIVE MODE")
+    try:
+        yield tenant
+    finally:
+        await holder.rollback()
+        await holder.close()
+
+
+async def service_statements(database_url: str, app_name: str) -> list[tuple[Any, ...]]:
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        cursor = await conn.execute(
+            "SELECT pid, state, wait_event_type, query FROM pg_stat_activity"
+            " WHERE application_name = %s AND state <> 'idle'",
+            (app_name,),
+        )
+        return await cursor.fetchall()
+
+
+async def wait_until_no_service_statements(
+    database_url: str, app_name: str, within_s: float
+) -> list[Any]:
+    give_up = time.monotonic() + within_s
+    while True:
+        rows = await service_statements(database_url, app_name)
+        if not rows or time.monotonic() > give_up:
+            return rows
+        await asyncio.sleep(0.01)
+
+
+async def test_blocked_summary_returns_deadline_exceeded_and_leaves_nothing_running(
+    crm_stub: crm_pb2_grpc.CrmServiceStub, blocked_tenant: str, database_url: str
+) -> None:
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await crm_stub.PipelineSummary(
+            crm_pb2.PipelineSummaryRequest(tenant_id=blocked_tenant),
+            metadata=bearer(TOKEN_READER),
+            timeout=0.3,
+        )
+    elapsed = time.monotonic() - started
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert elapsed < 0.4, f"answered after {elapsed:.3f}s for a 0.3s deadline"
+    # The server normally answers first, with its own reason.
+    if caught.value.trailing_metadata():
+        assert error_info(caught.value).reason in {
+            "LOCK_TIMEOUT",
+            "STATEMENT_TIMEOUT",
+            "DB_TIMEOUT",
+        }
+    leftover = await wait_until_no_service_statements(database_url, SERVICE_APP_NAME, within_s=0.1)
+    assert leftover == [], f"statements still running after the deadline: {leftover}"
+
+
+async def test_caller_without_deadline_gets_the_server_default(
+    database: PostgresDatabase, tokens: TokenRegistry, blocked_tenant: str, database_url: str
+) -> None:
+    handle = await start_crm_server(database, tokens, default_deadline_s=0.5)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
+            stub = crm_pb2_grpc.CrmServiceStub(channel)
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                # No timeout: only the server's default bounds the call.
+                await stub.PipelineSummary(
+                    crm_pb2.PipelineSummaryRequest(tenant_id=blocked_tenant),
+                    metadata=bearer(TOKEN_READER),
+                )
+            elapsed = time.monotonic() - started
+    finally:
+        await handle.stop(0)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 0.4 < elapsed < 1.0
+    assert (
+        await wait_until_no_service_statements(database_url, SERVICE_APP_NAME, within_s=0.1) == []
+    )

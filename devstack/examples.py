@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
 
-GRPCURL = str(Path(sys.executable).parent / "grpcurl")
+_BINARY = Path(sys.executable).parent / "grpcurl"
+# Relative when run from the repository (as `make run` does), so the printed
+# commands read exactly like the README's.
+GRPCURL = os.path.relpath(_BINARY) if _BINARY.is_relative_to(Path.cwd()) else str(_BINARY)
 
 
 def grpcurl(token: str, address: str, method: str, body: dict[str, object]) -> list[str]:

@@ -13,12 +13,13 @@ from typing import Any
 import psycopg
 import pytest
 
-from devstack.examples import GRPCURL
+from devstack.examples import GRPCURL, crm_examples
 from shared.database.migrations import SEED_FILE
 from tests.conftest import TOKEN_READER
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 README_ADDRESS = "127.0.0.1:50051"
+GRPCURL_BINARY = str(Path(GRPCURL).resolve())
 
 
 def readme_commands() -> list[list[str]]:
@@ -29,7 +30,7 @@ def readme_commands() -> list[list[str]]:
 
 
 async def run(argv: list[str], address: str) -> tuple[int, str, str]:
-    argv = [GRPCURL, *argv[1:]]
+    argv = [GRPCURL_BINARY, *argv[1:]]
     argv = [address if a == README_ADDRESS else a.replace("$TOKEN", TOKEN_READER) for a in argv]
     process = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
@@ -49,6 +50,11 @@ def test_readme_has_the_examples() -> None:
     methods = [argv[-1] for argv in readme_commands()]
     assert "list" in methods
     assert "crm.v1.CrmService/PipelineSummary" in methods
+
+
+def test_make_run_prints_the_readme_commands() -> None:
+    printed = [argv for _, argv in crm_examples("$TOKEN", README_ADDRESS)]
+    assert [[".venv/bin/grpcurl", *argv[1:]] for argv in printed][:3] == readme_commands()
 
 
 async def test_list_shows_the_services(crm_address: str) -> None:

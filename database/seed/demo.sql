@@ -1,5 +1,8 @@
 -- Demo tenants for `make run`. Seeds a tenant only when it does not exist,
--- so running it again (or after a demo deprovision) is safe.
+-- so running it again (or after a demo deprovision) is safe. One transaction:
+-- the temp tables below live until COMMIT (psql or psycopg alike).
+
+BEGIN;
 
 CREATE TEMP TABLE demo_tenants (id text, name text, currency char(3), sendgrid text) ON COMMIT DROP;
 INSERT INTO demo_tenants VALUES
@@ -78,3 +81,5 @@ JOIN new_tenants n ON n.id = c.tenant_id;
 
 INSERT INTO notifications (tenant_id, message)
 SELECT id, 'Welcome to the CRM' FROM new_tenants;
+
+COMMIT;

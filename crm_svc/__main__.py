@@ -29,6 +29,7 @@ async def main() -> None:
             [crm_service(db, settings.crm_default_deadline_s)],
             tokens=lambda: tokens,
             error_domain=ERROR_DOMAIN,
+            database=db,
             allow_insecure=settings.allow_insecure,
         )
         await serve(handle)

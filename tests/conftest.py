@@ -152,6 +152,7 @@ async def start_crm_server(
         [crm_service(db, default_deadline_s)],
         tokens=lambda: tokens,
         error_domain=CRM_ERROR_DOMAIN,
+        database=db,
     )
     await handle.start()
     return handle

@@ -11,6 +11,7 @@ from shared.auth import TokenRegistry
 from shared.database.connect import open_database
 from shared.errors import ServiceError
 from shared.logs import configure_logging
+from shared.metrics import serve_metrics
 from shared.server import create_server, serve
 from shared.settings import Settings
 
@@ -22,6 +23,7 @@ async def main() -> None:
     if settings.auth_tokens_file is None:
         sys.exit("AUTH_TOKENS_FILE is not set: every call needs a caller listed there (see README)")
     tokens = TokenRegistry.load(settings.auth_tokens_file)
+    serve_metrics(settings.crm_metrics_listen)
     db = await open_database(settings, application_name="crm_svc")
     try:
         handle = create_server(

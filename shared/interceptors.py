@@ -20,6 +20,7 @@ from grpc.aio import ServicerContext
 from shared.auth import TokenRegistry, current_caller
 from shared.errors import ServiceError, Unauthenticated
 from shared.logs import kv
+from shared.metrics import RPC_SECONDS, RPCS, RPCS_IN_FLIGHT
 from shared.status import internal_error, to_rpc_status
 
 log = logging.getLogger("rpc")
@@ -73,6 +74,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                 record = RpcRecord(method)
                 current_rpc.set(record)
                 code = grpc.StatusCode.OK
+                RPCS_IN_FLIGHT.labels(method).inc()
                 try:
                     return await inner(request, context)
                 except grpc.aio.AbortError:
@@ -90,13 +92,17 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                     code = status.code
                     await context.abort_with_status(status)
                 finally:
+                    duration_s = time.monotonic() - record.started
+                    RPCS_IN_FLIGHT.labels(method).dec()
+                    RPCS.labels(method, code.name).inc()
+                    RPC_SECONDS.labels(method).observe(duration_s)
                     log.info(
                         kv(
                             "rpc",
                             method=method,
                             caller=record.caller,
                             code=code.name,
-                            duration_ms=(time.monotonic() - record.started) * 1000,
+                            duration_ms=duration_s * 1000,
                         )
                     )
 

@@ -12,6 +12,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from shared.errors import DeadlineExceeded
+from shared.metrics import CALL_SECONDS
+
 
 def configure_logging(level: int = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
@@ -42,14 +45,17 @@ def timed_call(
     *,
     budget_s: float,
     slow_ms: int,
+    transport: str,
     tenant_id: str | None = None,
-    transport: str | None = None,
 ) -> Iterator[None]:
-    """Warn about a call slower than `slow_ms`, and about one that timed out."""
+    """Time an outbound call: metrics, a warning when slower than `slow_ms`,
+    and a warning when it timed out."""
     started = time.monotonic()
+    outcome = "ok"
     try:
         yield
-    except TimeoutError:
+    except (TimeoutError, DeadlineExceeded):
+        outcome = "timeout"
         log.warning(
             kv(
                 "call_timeout",
@@ -61,8 +67,12 @@ def timed_call(
             )
         )
         raise
+    except BaseException as exc:
+        outcome = type(exc).__name__
+        raise
     finally:
         elapsed_ms = (time.monotonic() - started) * 1000
+        CALL_SECONDS.labels(transport, operation, outcome).observe(elapsed_ms / 1000)
         if elapsed_ms > slow_ms:
             log.warning(
                 kv(

@@ -38,6 +38,8 @@ class Settings:
     data_dir: Path = Path(".data")
     crm_listen: str = "127.0.0.1:50051"
     provisioning_listen: str = "127.0.0.1:50052"
+    crm_metrics_listen: str | None = None
+    provisioning_metrics_listen: str | None = None
     auth_tokens_file: Path | None = None
     sendgrid_api_key: str | None = field(default=None, repr=False)
     sendgrid_api_host: str = "https://api.sendgrid.com"
@@ -66,6 +68,8 @@ class Settings:
             data_dir=Path(env.get("DATA_DIR") or ".data"),
             crm_listen=env.get("CRM_LISTEN") or cls.crm_listen,
             provisioning_listen=env.get("PROVISIONING_LISTEN") or cls.provisioning_listen,
+            crm_metrics_listen=env.get("CRM_METRICS_LISTEN") or None,
+            provisioning_metrics_listen=env.get("PROVISIONING_METRICS_LISTEN") or None,
             auth_tokens_file=path("AUTH_TOKENS_FILE"),
             sendgrid_api_key=env.get("SENDGRID_API_KEY") or None,
             sendgrid_api_host=env.get("SENDGRID_API_HOST") or cls.sendgrid_api_host,

@@ -158,37 +158,48 @@ class PostgresDatabase:
         tenant_id: str | None = None,
     ) -> Any:
         budget = deadline.budget(cap_s, operation)
+        with timed_call(
+            log,
+            operation,
+            budget_s=budget,
+            slow_ms=self._slow_call_ms,
+            tenant_id=tenant_id,
+            transport=self.name,
+        ):
+            return await self._run_bounded(query, args, budget, operation, tenant_id)
+
+    async def _run_bounded(
+        self,
+        query: sql.Composable,
+        args: Mapping[str, Any],
+        budget: float,
+        operation: str,
+        tenant_id: str | None,
+    ) -> Any:
+        """Run within `budget` seconds; psycopg and pool errors become typed errors."""
         ends_at = time.monotonic() + budget
         try:
-            with timed_call(
-                log,
-                operation,
-                budget_s=budget,
-                slow_ms=self._slow_call_ms,
-                tenant_id=tenant_id,
-                transport=self.name,
-            ):
-                async with asyncio.timeout(budget + CLIENT_GRACE_S):
-                    conn = await self._acquire(ends_at, operation)
-                    try:
-                        left_ms = int((ends_at - time.monotonic()) * 1000)
-                        if left_ms < MIN_BUDGET_S * 1000:
-                            raise DeadlineExceeded(
-                                "deadline exhausted while waiting for a database connection",
-                                reason="BUDGET_EXHAUSTED",
-                                metadata={"operation": operation},
-                            )
-                        async with conn.transaction():
-                            await conn.execute(
-                                "SELECT set_config('statement_timeout', %(ms)s, true),"
-                                " set_config('lock_timeout', %(ms)s, true)",
-                                {"ms": str(left_ms)},
-                            )
-                            cursor = await conn.execute(query, dict(args))
-                            row = await cursor.fetchone()
-                            return row[0] if row else None
-                    finally:
-                        await self._pool.putconn(conn)
+            async with asyncio.timeout(budget + CLIENT_GRACE_S):
+                conn = await self._acquire(ends_at, operation)
+                try:
+                    left_ms = int((ends_at - time.monotonic()) * 1000)
+                    if left_ms < MIN_BUDGET_S * 1000:
+                        raise DeadlineExceeded(
+                            "deadline exhausted while waiting for a database connection",
+                            reason="BUDGET_EXHAUSTED",
+                            metadata={"operation": operation},
+                        )
+                    async with conn.transaction():
+                        await conn.execute(
+                            "SELECT set_config('statement_timeout', %(ms)s, true),"
+                            " set_config('lock_timeout', %(ms)s, true)",
+                            {"ms": str(left_ms)},
+                        )
+                        cursor = await conn.execute(query, dict(args))
+                        row = await cursor.fetchone()
+                        return row[0] if row else None
+                finally:
+                    await self._pool.putconn(conn)
         except TimeoutError:
             raise DeadlineExceeded(
                 "database call timed out", reason="DB_TIMEOUT", metadata={"operation": operation}

@@ -107,28 +107,35 @@ class SupabaseRestDatabase:
         if self._client is None:
             raise Internal("REST transport used before open()", reason="NOT_OPEN")
         budget = deadline.budget(cap_s, function)
+        with timed_call(
+            log,
+            function,
+            budget_s=budget,
+            slow_ms=self._slow_call_ms,
+            tenant_id=tenant_id,
+            transport=self.name,
+        ):
+            return await self._call_bounded(function, args, budget, tenant_id)
+
+    async def _call_bounded(
+        self, function: str, args: Mapping[str, Any], budget: float, tenant_id: str | None
+    ) -> Any:
+        """Call within `budget` seconds; HTTP and PostgREST errors become typed errors."""
+        assert self._client is not None
         started = time.monotonic()
         request = self._client.rpc(function, dict(args))
         try:
-            with timed_call(
-                log,
-                function,
-                budget_s=budget,
-                slow_ms=self._slow_call_ms,
-                tenant_id=tenant_id,
-                transport=self.name,
-            ):
-                async with asyncio.timeout(budget):
-                    # Computed last, so the database gets what is really left.
-                    left_ms = int((budget - (time.monotonic() - started)) * 1000)
-                    if left_ms < MIN_BUDGET_S * 1000:
-                        raise DeadlineExceeded(
-                            "deadline exhausted before the database call",
-                            reason="BUDGET_EXHAUSTED",
-                            metadata={"operation": function},
-                        )
-                    request.request.headers[BUDGET_HEADER] = str(left_ms)
-                    response = await request.execute()
+            async with asyncio.timeout(budget):
+                # Computed last, so the database gets what is really left.
+                left_ms = int((budget - (time.monotonic() - started)) * 1000)
+                if left_ms < MIN_BUDGET_S * 1000:
+                    raise DeadlineExceeded(
+                        "deadline exhausted before the database call",
+                        reason="BUDGET_EXHAUSTED",
+                        metadata={"operation": function},
+                    )
+                request.request.headers[BUDGET_HEADER] = str(left_ms)
+                response = await request.execute()
         except (TimeoutError, httpx.TimeoutException):
             raise DeadlineExceeded(
                 "database call timed out", reason="DB_TIMEOUT", metadata={"operation": function}

@@ -32,6 +32,7 @@ async def main() -> None:
             tokens=lambda: tokens,
             error_domain=ERROR_DOMAIN,
             database=db,
+            tls=settings.server_tls,
             allow_insecure=settings.allow_insecure,
         )
         await serve(handle)

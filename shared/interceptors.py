@@ -18,7 +18,7 @@ import grpc
 from grpc.aio import ServicerContext
 
 from shared.auth import TokenRegistry, current_caller
-from shared.errors import ServiceError, Unauthenticated
+from shared.errors import InvalidArgument, ServiceError, Unauthenticated
 from shared.logs import kv
 from shared.metrics import RPC_SECONDS, RPCS, RPCS_IN_FLIGHT
 from shared.status import internal_error, to_rpc_status
@@ -41,15 +41,37 @@ current_rpc: ContextVar[RpcRecord | None] = ContextVar("current_rpc", default=No
 
 
 def _wrap_unary(
-    handler: grpc.RpcMethodHandler | None, wrap: Callable[[Behaviour], Behaviour]
+    handler: grpc.RpcMethodHandler | None,
+    wrap: Callable[[Behaviour], Behaviour],
+    deserializer: Callable[[bytes], Any] | None = None,
 ) -> grpc.RpcMethodHandler | None:
     if handler is None or handler.unary_unary is None:
         return handler
     return grpc.unary_unary_rpc_method_handler(
         wrap(handler.unary_unary),
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=deserializer or handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """A request body that is not a valid message (grpc would answer INTERNAL)."""
+
+    error: str
+
+
+def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # DecodeError, invalid UTF-8 in a string field, ...
+            return _Undecodable(type(exc).__name__)
+
+    return parse
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
@@ -76,6 +98,12 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                 code = grpc.StatusCode.OK
                 RPCS_IN_FLIGHT.labels(method).inc()
                 try:
+                    if isinstance(request, _Undecodable):
+                        raise InvalidArgument(
+                            "request body is not a valid message",
+                            field="request",
+                            reason="MALFORMED_REQUEST",
+                        )
                     return await inner(request, context)
                 except grpc.aio.AbortError:
                     raise  # the RPC already ended with a status
@@ -108,7 +136,10 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
 
             return behaviour
 
-        return _wrap_unary(handler, wrap)  # type: ignore[return-value]
+        # Undecodable bodies reach the wrapper as a marker, so they are
+        # INVALID_ARGUMENT (the caller's fault) rather than grpc's INTERNAL.
+        deserializer = _lenient(handler.request_deserializer) if handler else None
+        return _wrap_unary(handler, wrap, deserializer)  # type: ignore[return-value]
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):

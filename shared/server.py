@@ -25,6 +25,7 @@ from shared.deadline import Deadline
 from shared.errors import FailedPrecondition, ServiceError
 from shared.interceptors import AuthInterceptor, StatusInterceptor
 from shared.logs import kv
+from shared.tls import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +117,10 @@ def create_server(
     tokens: Callable[[], TokenRegistry],
     error_domain: str,
     database: Database | None = None,
+    tls: ServerTls | None = None,
     allow_insecure: bool = False,
 ) -> ServerHandle:
-    if not is_loopback(listen) and not allow_insecure:
+    if tls is None and not is_loopback(listen) and not allow_insecure:
         raise FailedPrecondition(
             f"refusing plaintext gRPC on non-loopback address {listen}; "
             "configure TLS or set ALLOW_INSECURE=1",
@@ -143,7 +145,11 @@ def create_server(
     reflection.enable_server_reflection(
         (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(listen)
+    port = (
+        server.add_secure_port(listen, tls.credentials())
+        if tls is not None
+        else server.add_insecure_port(listen)
+    )
     if port == 0:
         raise FailedPrecondition(f"cannot listen on {listen}", reason="LISTEN_FAILED")
     return ServerHandle(server, port, health_servicer, names, database)

@@ -10,8 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
-from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -26,18 +25,6 @@ from shared.status import internal_error, to_rpc_status
 log = logging.getLogger("rpc")
 
 Behaviour = Callable[[Any, ServicerContext], Awaitable[Any]]
-
-
-@dataclass
-class RpcRecord:
-    """What the access log line says about the RPC being served."""
-
-    method: str
-    started: float = field(default_factory=time.monotonic)
-    caller: str | None = None
-
-
-current_rpc: ContextVar[RpcRecord | None] = ContextVar("current_rpc", default=None)
 
 
 def _wrap_unary(
@@ -93,8 +80,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
 
         def wrap(inner: Behaviour) -> Behaviour:
             async def behaviour(request: Any, context: ServicerContext) -> Any:
-                record = RpcRecord(method)
-                current_rpc.set(record)
+                started = time.monotonic()
                 code = grpc.StatusCode.OK
                 RPCS_IN_FLIGHT.labels(method).inc()
                 try:
@@ -120,7 +106,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                     code = status.code
                     await context.abort_with_status(status)
                 finally:
-                    duration_s = time.monotonic() - record.started
+                    duration_s = time.monotonic() - started
                     RPCS_IN_FLIGHT.labels(method).dec()
                     RPCS.labels(method, code.name).inc()
                     RPC_SECONDS.labels(method).observe(duration_s)
@@ -128,7 +114,6 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                         kv(
                             "rpc",
                             method=method,
-                            caller=record.caller,
                             code=code.name,
                             duration_ms=duration_s * 1000,
                         )
@@ -162,11 +147,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
         def wrap(inner: Behaviour) -> Behaviour:
             async def behaviour(request: Any, context: ServicerContext) -> Any:
-                caller = self._tokens().authenticate(_bearer_token(context))
-                record = current_rpc.get()
-                if record is not None:
-                    record.caller = caller.name
-                current_caller.set(caller)
+                current_caller.set(self._tokens().authenticate(_bearer_token(context)))
                 return await inner(request, context)
 
             return behaviour

@@ -12,14 +12,27 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from shared.auth import current_caller
 from shared.errors import DeadlineExceeded
 from shared.metrics import CALL_SECONDS
 
 
+class CallerFilter(logging.Filter):
+    """Puts the authenticated caller of the RPC being served on every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        caller = current_caller.get()
+        record.caller = caller.name if caller is not None else "-"
+        return True
+
+
 def configure_logging(level: int = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(CallerFilter())
     handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s", "%Y-%m-%dT%H:%M:%S")
+        logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s caller=%(caller)s %(message)s", "%Y-%m-%dT%H:%M:%S"
+        )
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -155,12 +155,19 @@ def create_server(
     return ServerHandle(server, port, health_servicer, names, database)
 
 
-async def serve(handle: ServerHandle, *, grace_s: float = 5.0) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+async def serve(
+    handle: ServerHandle,
+    *,
+    grace_s: float = 5.0,
+    on_hangup: Callable[[], object] | None = None,
+) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully; SIGHUP calls `on_hangup`."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if on_hangup is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await handle.start()
     log.info("serving %s on port %d", ", ".join(handle.service_names), handle.port)
     await stop.wait()

@@ -169,3 +169,37 @@ async def crm_address(database: Database, tokens: TokenRegistry) -> AsyncIterato
 async def crm_stub(crm_address: str) -> AsyncIterator[crm_pb2_grpc.CrmServiceStub]:
     async with grpc.aio.insecure_channel(crm_address) as channel:
         yield crm_pb2_grpc.CrmServiceStub(channel)
+
+
+class _LogCollector(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + logging.Formatter().formatException(record.exc_info)
+        self.lines.append(text)
+
+
+def leaked(lines: list[str], secrets: list[str]) -> list[str]:
+    return [line for line in lines if any(secret in line for secret in secrets)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secrets_in_logs() -> Iterator[None]:
+    """Every log record of the whole run is scanned for the test credentials."""
+    collector = _LogCollector()
+    root = logging.getLogger()
+    previous_level = root.level
+    root.addHandler(collector)
+    root.setLevel(logging.INFO)
+    yield
+    root.removeHandler(collector)
+    root.setLevel(previous_level)
+    secrets = [TOKEN_ADMIN, TOKEN_READER, TOKEN_LIMITED, TOKEN_NO_SCOPE, JWT_SECRET]
+    secrets += [PostgrestStandin.token_for("service_role", JWT_SECRET)]
+    assert collector.lines, "no log lines were captured: the scan would prove nothing"
+    found = leaked(collector.lines, secrets)
+    assert not found, f"credentials in the logs: {found[:3]}"

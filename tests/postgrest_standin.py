@@ -134,9 +134,11 @@ class PostgrestStandin:
         self.pool.close()
 
     def token(self, role: str) -> str:
-        return jwt.encode(
-            {"role": role, "iss": "supabase-standin"}, self.jwt_secret, algorithm="HS256"
-        )
+        return self.token_for(role, self.jwt_secret)
+
+    @staticmethod
+    def token_for(role: str, secret: str) -> str:
+        return jwt.encode({"role": role, "iss": "supabase-standin"}, secret, algorithm="HS256")
 
     # -- protocol ------------------------------------------------------------
 

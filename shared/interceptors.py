@@ -18,6 +18,7 @@ import grpc
 from grpc.aio import ServicerContext
 
 from shared.auth import TokenRegistry, current_caller
+from shared.deadline import Deadline, inbound_deadline
 from shared.errors import ServiceError, Unauthenticated
 from shared.logs import kv
 from shared.status import internal_error, to_rpc_status
@@ -52,7 +53,11 @@ def _wrap_unary(
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
-    """Turns typed errors into statuses (one place) and logs every RPC."""
+    """Turns typed errors into statuses (one place) and logs every RPC.
+
+    It also records the caller's deadline in `inbound_deadline`, so that the
+    client helpers can pass what is left of it to the services they call.
+    """
 
     def __init__(self, domain: str, public_methods: Collection[str]) -> None:
         self._domain = domain
@@ -72,6 +77,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             async def behaviour(request: Any, context: ServicerContext) -> Any:
                 record = RpcRecord(method)
                 current_rpc.set(record)
+                inbound_deadline.set(Deadline.from_caller(context.time_remaining()))
                 code = grpc.StatusCode.OK
                 try:
                     return await inner(request, context)

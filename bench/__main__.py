@@ -25,6 +25,7 @@ warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
 BENCHMARKS: dict[str, str] = {
     "pipeline": "bench.pipeline_summary",
     "overshoot": "bench.deadline_overshoot",
+    "load": "bench.load",
 }
 
 

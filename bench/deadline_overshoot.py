@@ -234,7 +234,10 @@ def report(results: dict[str, list[BlockedCall]], calls: int) -> None:
         " to the deadline (the check can see it; a leftover would show)"
     )
     print(f"- {STANDIN_NOTE}")
-    print(f"- {os.cpu_count()} CPUs shared with other work")
+    print(
+        f"- {os.cpu_count()} CPUs shared with other work; machine load average (1 min)"
+        f" at the end {os.getloadavg()[0]:.1f}"
+    )
     print()
     rows = []
     for transport in TRANSPORTS:

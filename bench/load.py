@@ -151,6 +151,8 @@ class PhaseResult:
     rss_samples: list[tuple[float, int]] = field(default_factory=list)
     service_cpu_s: float = 0.0
     client_cpu_s: float = 0.0
+    # The machine's 1-minute load average at the end: the CPUs are shared.
+    load_average: float = 0.0
     outage: Outage | None = None
 
     @property
@@ -268,6 +270,7 @@ async def run_phase(
     result.rss_end = service.memory_info().rss
     result.service_cpu_s = sum(service.cpu_times()[:2]) - service_cpu
     result.client_cpu_s = sum(psutil.Process().cpu_times()[:2]) - client_cpu
+    result.load_average = os.getloadavg()[0]
     say(
         f"{name}: done, {len(result.calls):,} calls ({len(result.errors):,} errors)"
         f" in {result.wall_s:.1f}s; service RSS {result.rss_end / MIB:,.1f} MiB"
@@ -442,7 +445,8 @@ def report_load(results: Sequence[PhaseResult], settings: Settings, where: str) 
         print(
             f"- {r.name}: errors by code/reason: {_counted([c.label for c in r.errors])};"
             f" CPU during the phase: service {r.service_cpu_s:.1f}s,"
-            f" load generator {r.client_cpu_s:.1f}s"
+            f" load generator {r.client_cpu_s:.1f}s; machine load average (1 min) at the end"
+            f" {r.load_average:.1f} on {os.cpu_count()} CPUs"
         )
         if r.errors and r.outage is None:
             error_latencies = [c.latency_s for c in r.errors]

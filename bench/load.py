@@ -70,6 +70,8 @@ SMALL = TENANTS["1k"]
 LARGE = TENANTS["100k"]
 PHASES = ("small", "100k", "restart")
 MIB = 1024 * 1024
+# What a call gets while the database cannot be reached (design §4).
+OUTAGE_CODE = "UNAVAILABLE"
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
@@ -457,6 +459,10 @@ def report_load(results: Sequence[PhaseResult], settings: Settings, where: str) 
     print()
 
 
+def _since_back(moment: float | None, back: float, none: str) -> str:
+    return none if moment is None else f"{moment - back:.2f}"
+
+
 def report_restart(result: PhaseResult) -> None:
     outage = result.outage
     assert outage is not None
@@ -465,6 +471,9 @@ def report_restart(result: PhaseResult) -> None:
     during = [c for c in result.errors if outage.stop_began <= c.ended <= back]
     after = [c for c in result.errors if c.ended > back]
     first_ok = min((c.ended for c in result.ok_calls if c.ended > back), default=None)
+    # The outage's own errors are UNAVAILABLE (database unreachable); other
+    # codes after it are compared with their rate before the stop.
+    last_unavailable = max((c.ended for c in after if c.code == OUTAGE_CODE), default=None)
     last_error = max((c.ended for c in after), default=None)
     print("## Database restart under load")
     print()
@@ -485,29 +494,36 @@ def report_restart(result: PhaseResult) -> None:
         " arrived; the service was not restarted"
     )
     print()
-    recovery_first = (
-        f"{first_ok - back:.2f}"
-        if first_ok is not None
-        else f"never ({result.wall_s - back:.1f}s watched)"
-    )
-    if last_error is None:
-        recovery_clean = "0.00 (no error after the database was back)"
-    else:
-        recovery_clean = f"{last_error - back:.2f}"
     if first_ok is None:
-        recovery_full = "never"
+        recovery_full = f"never ({result.wall_s - back:.1f}s watched)"
     else:
-        recovery_full = f"{max(first_ok, last_error or back) - back:.2f}"
+        recovery_full = f"{max(first_ok, last_unavailable or back) - back:.2f}"
     rows = [
-        ["errors before the stop", _counted([c.label for c in before])],
+        [
+            f"errors before the stop (0..{outage.stop_began:.2f}s)",
+            _counted([c.label for c in before]),
+        ],
         [
             f"errors while down ({outage.stop_began:.2f}s..{back:.2f}s)",
             _counted([c.label for c in during]),
         ],
-        ["errors after the database was back", _counted([c.label for c in after])],
-        ["database back -> first successful call (s)", recovery_first],
-        ["database back -> last error, error-free after it (s)", recovery_clean],
-        ["full recovery: succeeding and error-free (s)", recovery_full],
+        [
+            f"errors after the database was back ({back:.2f}s..{result.wall_s:.2f}s)",
+            _counted([c.label for c in after]),
+        ],
+        [
+            "database back -> first successful call (s)",
+            _since_back(first_ok, back, f"never ({result.wall_s - back:.1f}s watched)"),
+        ],
+        [
+            f"database back -> last {OUTAGE_CODE} (s)",
+            _since_back(last_unavailable, back, "none after the database was back"),
+        ],
+        ["recovery: succeeding again, no more " + OUTAGE_CODE + " (s)", recovery_full],
+        [
+            "database back -> last error of any code, error-free after it (s)",
+            _since_back(last_error, back, "0.00 (no error after the database was back)"),
+        ],
     ]
     print(markdown_table(["", "value"], rows))
     print()

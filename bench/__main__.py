@@ -24,6 +24,8 @@ warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
 # name -> module; later issues add theirs here.
 BENCHMARKS: dict[str, str] = {
     "pipeline": "bench.pipeline_summary",
+    "overshoot": "bench.deadline_overshoot",
+    "load": "bench.load",
 }
 
 

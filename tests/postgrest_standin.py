@@ -94,6 +94,9 @@ class PostgrestStandin:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # As PostgREST's server does: headers and body go out at once, not
+            # held back by Nagle's algorithm against the client's delayed ACK.
+            disable_nagle_algorithm = True
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # keep test output quiet

@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 # Extra client-side wait past the server-side timeout, so that the server's
 # own (clean) statement_timeout error normally wins the race.
 CLIENT_GRACE_S = 0.05
-ACQUIRE_SLICE_S = 0.25
 # While the database is known to be down, a call waits this long for a
 # connection (its wait also starts a reconnect attempt), then fails fast.
 DOWN_PROBE_S = 0.2
@@ -43,6 +42,16 @@ class _Reachability:
 
     def __init__(self) -> None:
         self.down_since: float | None = None
+        self.went_down = asyncio.Event()
+
+    def mark_down(self) -> None:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            self.went_down.set()
+
+    def mark_up(self) -> None:
+        self.down_since = None
+        self.went_down.clear()
 
 
 def _tracked_connection_class(reach: _Reachability) -> type[psycopg.AsyncConnection[Any]]:
@@ -52,10 +61,9 @@ def _tracked_connection_class(reach: _Reachability) -> type[psycopg.AsyncConnect
             try:
                 conn = await super().connect(*args, **kwargs)
             except psycopg.OperationalError:
-                if reach.down_since is None:
-                    reach.down_since = time.monotonic()
+                reach.mark_down()
                 raise
-            reach.down_since = None
+            reach.mark_up()
             return conn
 
     return TrackedConnection
@@ -74,6 +82,7 @@ class PostgresDatabase:
         slow_call_ms: int = 3000,
     ) -> None:
         self._reach = _Reachability()
+        self._background: set[asyncio.Task[None]] = set()
         self._slow_call_ms = slow_call_ms
         self._pool = AsyncConnectionPool(
             url,
@@ -126,26 +135,51 @@ class PostgresDatabase:
 
     async def _acquire(self, ends_at: float, operation: str) -> psycopg.AsyncConnection[Any]:
         """A pooled connection before `ends_at`; fail fast while the database is down."""
-        while True:
-            left = ends_at - time.monotonic()
-            if left < MIN_BUDGET_S:
-                raise DeadlineExceeded(
-                    "no database connection free within the deadline",
-                    reason="POOL_EXHAUSTED",
-                    metadata={"operation": operation},
-                )
-            down = self._reach.down_since is not None
+        left = ends_at - time.monotonic()
+        if left < MIN_BUDGET_S:
+            raise DeadlineExceeded(
+                "deadline exhausted before a database connection was free",
+                reason="BUDGET_EXHAUSTED",
+                metadata={"operation": operation},
+            )
+        unreachable = Unavailable(
+            "database unreachable", reason="DB_UNAVAILABLE", metadata={"operation": operation}
+        )
+        if self._reach.down_since is not None:
+            # Known to be down: a short wait (which starts a reconnect attempt).
             try:
-                # Wait in slices so that an outage noticed meanwhile fails the call fast.
-                wait = min(left, DOWN_PROBE_S if down else ACQUIRE_SLICE_S)
-                return await self._pool.getconn(timeout=wait)
+                return await self._pool.getconn(timeout=min(left, DOWN_PROBE_S))
             except PoolTimeout:
-                if self._reach.down_since is not None:
-                    raise Unavailable(
-                        "database unreachable",
-                        reason="DB_UNAVAILABLE",
-                        metadata={"operation": operation},
-                    ) from None
+                raise unreachable from None
+        # One uninterrupted wait keeps this call's place in the pool's queue;
+        # an outage noticed meanwhile ends it early.
+        getting = asyncio.ensure_future(self._pool.getconn(timeout=left))
+        went_down = asyncio.ensure_future(self._reach.went_down.wait())
+        try:
+            await asyncio.wait({getting, went_down}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            went_down.cancel()
+            settled = getting.done()
+            if not settled:
+                getting.cancel()
+                getting.add_done_callback(self._return_if_obtained)
+        if not settled:
+            raise unreachable
+        try:
+            return getting.result()
+        except PoolTimeout:
+            raise DeadlineExceeded(
+                "no database connection free within the deadline",
+                reason="POOL_EXHAUSTED",
+                metadata={"operation": operation},
+            ) from None
+
+    def _return_if_obtained(self, getting: asyncio.Future[psycopg.AsyncConnection[Any]]) -> None:
+        """An abandoned wait that got a connection anyway gives it back."""
+        if not getting.cancelled() and getting.exception() is None:
+            task = asyncio.ensure_future(self._pool.putconn(getting.result()))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _run(
         self,

@@ -132,3 +132,7 @@ async def crm_address(database: PostgresDatabase, tokens: TokenRegistry) -> Asyn
 async def crm_stub(crm_address: str) -> AsyncIterator[crm_pb2_grpc.CrmServiceStub]:
     async with grpc.aio.insecure_channel(crm_address) as channel:
         yield crm_pb2_grpc.CrmServiceStub(channel)
+
+
+# The provisioning service's fixtures (fake SendGrid, server, data helpers).
+pytest_plugins = ("tests.provisioning_fixtures",)

@@ -173,6 +173,7 @@ class Provisioning:
     """A running provisioning server and what it works on."""
 
     stub: provisioning_pb2_grpc.ProvisioningServiceStub
+    address: str
     sendgrid: FakeSendGrid
     clients_dir: Path
     outside_dir: Path
@@ -247,9 +248,11 @@ async def provisioning_server(
     )
     handle = await start_provisioning_server(db, tokens, config, max_batch_rows=max_batch_rows)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
+        address = f"127.0.0.1:{handle.port}"
+        async with grpc.aio.insecure_channel(address) as channel:
             yield Provisioning(
                 provisioning_pb2_grpc.ProvisioningServiceStub(channel),
+                address,
                 sendgrid,
                 clients_dir,
                 outside_dir,

@@ -218,7 +218,8 @@ def _failure_detail(error: ServiceError) -> str:
     return f"{error.reason}: {error.message}"
 
 
-StepRunner = Callable[[Job, uuid.UUID, Deadline], Awaitable[Job]]
+# A step: the job, the lease owner (this call), the work deadline -> the updated job.
+StepRunner = Callable[[Job, str, Deadline], Awaitable[Job]]
 
 
 class Deprovisioner:
@@ -247,12 +248,12 @@ class Deprovisioner:
             return await self._dry_run(tenant_id, request.allow_missing, deadline)
         # An unsafe directory is refused now rather than after the data is gone.
         await self._directories.inspect(tenant_id, deadline)
-        owner = uuid.uuid4()
+        owner = str(uuid.uuid4())  # this call, as the lease owner
         claim = await self._db.call(
             "deprovision_claim",
             {
                 "p_tenant_id": tenant_id,
-                "p_request_id": request_id,
+                "p_request_id": str(request_id),
                 "p_actor": caller.name,
                 "p_lease_owner": owner,
                 "p_lease_seconds": deadline.remaining(),
@@ -294,7 +295,7 @@ class Deprovisioner:
             (Step.TENANT_RECORD, self._finish),
         )
 
-    async def _resume(self, job: Job, owner: uuid.UUID, deadline: Deadline) -> DeprovisionResult:
+    async def _resume(self, job: Job, owner: str, deadline: Deadline) -> DeprovisionResult:
         reserve = min(max(deadline.remaining() * RESERVE_SHARE, RESERVE_MIN_S), RESERVE_MAX_S)
         work = Deadline(deadline.expires_at - reserve)
         step = Step.SENDGRID_SUBUSER
@@ -316,7 +317,7 @@ class Deprovisioner:
         return job.result()
 
     async def _record_failure(
-        self, job: Job, owner: uuid.UUID, step: Step, error: ServiceError, deadline: Deadline
+        self, job: Job, owner: str, step: Step, error: ServiceError, deadline: Deadline
     ) -> Job:
         detail = _failure_detail(error)
         log.warning(
@@ -359,7 +360,7 @@ class Deprovisioner:
             )
 
     async def _record(
-        self, job: Job, owner: uuid.UUID, step: Step, outcome: Outcome, detail: str, work: Deadline
+        self, job: Job, owner: str, step: Step, outcome: Outcome, detail: str, work: Deadline
     ) -> Job:
         document = await self._db.call(
             "deprovision_record_step",
@@ -376,7 +377,7 @@ class Deprovisioner:
         )
         return Job.parse(document)
 
-    async def _delete_subuser(self, job: Job, owner: uuid.UUID, work: Deadline) -> Job:
+    async def _delete_subuser(self, job: Job, owner: str, work: Deadline) -> Job:
         step = Step.SENDGRID_SUBUSER
         self._require(work, step)
         name = job.sendgrid_username
@@ -393,7 +394,7 @@ class Deprovisioner:
             outcome, detail = Outcome.ALREADY_ABSENT, f"SendGrid subuser {name} did not exist"
         return await self._record(job, owner, step, outcome, detail, work)
 
-    async def _delete_rows(self, job: Job, owner: uuid.UUID, work: Deadline) -> Job:
+    async def _delete_rows(self, job: Job, owner: str, work: Deadline) -> Job:
         batch_rows = min(FIRST_BATCH_ROWS, self._max_batch_rows)
         while True:
             self._require(work, Step.TENANT_DATA)
@@ -416,7 +417,7 @@ class Deprovisioner:
         target_s = min(BATCH_TARGET_S, work.remaining() * BATCH_SHARE_OF_REMAINING)
         return int(min(max(rate * target_s, MIN_BATCH_ROWS), self._max_batch_rows))
 
-    async def _remove_directory(self, job: Job, owner: uuid.UUID, work: Deadline) -> Job:
+    async def _remove_directory(self, job: Job, owner: str, work: Deadline) -> Job:
         step = Step.CONFIG_DIRECTORY
         self._require(work, step)
         before = await self._directories.remove(job.tenant_id, job.id, work)
@@ -427,7 +428,7 @@ class Deprovisioner:
             outcome, detail = Outcome.ALREADY_ABSENT, f"{path} did not exist"
         return await self._record(job, owner, step, outcome, detail, work)
 
-    async def _finish(self, job: Job, owner: uuid.UUID, work: Deadline) -> Job:
+    async def _finish(self, job: Job, owner: str, work: Deadline) -> Job:
         self._require(work, Step.TENANT_RECORD)
         document = await self._db.call(
             "deprovision_finish",

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from shared.errors import DeadlineExceeded
+from shared.metrics import DEADLINE_EXHAUSTED
 
 # Keep this much of the caller's time for building and sending the answer.
 SAFETY_MARGIN_S = 0.02
@@ -50,6 +51,7 @@ class Deadline:
         """
         budget = min(cap_s, self.remaining() - SAFETY_MARGIN_S)
         if budget < MIN_BUDGET_S:
+            DEADLINE_EXHAUSTED.labels(operation).inc()
             raise DeadlineExceeded(
                 f"deadline exhausted before {operation} could start",
                 reason="BUDGET_EXHAUSTED",

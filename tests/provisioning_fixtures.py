@@ -33,10 +33,9 @@ from shared.auth import TokenRegistry
 from shared.proto_gen.provisioning.v1 import provisioning_pb2, provisioning_pb2_grpc
 from shared.server import ServerHandle, create_server
 from shared.settings import Settings
-from tests.conftest import TOKEN_ADMIN
+from tests.conftest import SENDGRID_KEY, TOKEN_ADMIN
 from tests.rpc import bearer, detail
 
-SENDGRID_KEY = "SG.test-key-never-to-be-logged-0123456789"
 _SUBUSER_PATH = re.compile(r"/v3/subusers/([^/?#]+)")
 
 

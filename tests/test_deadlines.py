@@ -13,11 +13,11 @@ import pytest
 import pytest_asyncio
 
 from shared.auth import TokenRegistry
-from shared.database.postgres import PostgresDatabase
+from shared.database import Database
 from shared.deadline import SAFETY_MARGIN_S, Deadline
 from shared.errors import DeadlineExceeded
 from shared.proto_gen.crm.v1 import crm_pb2, crm_pb2_grpc
-from tests.conftest import SERVICE_APP_NAME, TOKEN_READER, start_crm_server
+from tests.conftest import TOKEN_READER, start_crm_server
 from tests.factories import create_tenant, unique_tenant
 from tests.rpc import bearer, error_info
 
@@ -45,7 +45,7 @@ def test_exhausted_budget_fails_fast() -> None:
     assert caught.value.reason == "BUDGET_EXHAUSTED"
 
 
-async def test_exhausted_budget_never_touches_the_database(database: PostgresDatabase) -> None:
+async def test_exhausted_budget_never_touches_the_database(database: Database) -> None:
     with pytest.raises(DeadlineExceeded):
         await database.call("pg_sleep", {"seconds": 5}, Deadline.after(0.001))
 
@@ -87,7 +87,10 @@ async def wait_until_no_service_statements(
 
 
 async def test_blocked_summary_returns_deadline_exceeded_and_leaves_nothing_running(
-    crm_stub: crm_pb2_grpc.CrmServiceStub, blocked_tenant: str, database_url: str
+    crm_stub: crm_pb2_grpc.CrmServiceStub,
+    blocked_tenant: str,
+    database_url: str,
+    service_app_name: str,
 ) -> None:
     started = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -106,12 +109,16 @@ async def test_blocked_summary_returns_deadline_exceeded_and_leaves_nothing_runn
             "STATEMENT_TIMEOUT",
             "DB_TIMEOUT",
         }
-    leftover = await wait_until_no_service_statements(database_url, SERVICE_APP_NAME, within_s=0.1)
+    leftover = await wait_until_no_service_statements(database_url, service_app_name, within_s=0.1)
     assert leftover == [], f"statements still running after the deadline: {leftover}"
 
 
 async def test_caller_without_deadline_gets_the_server_default(
-    database: PostgresDatabase, tokens: TokenRegistry, blocked_tenant: str, database_url: str
+    database: Database,
+    tokens: TokenRegistry,
+    blocked_tenant: str,
+    database_url: str,
+    service_app_name: str,
 ) -> None:
     handle = await start_crm_server(database, tokens, default_deadline_s=0.5)
     try:
@@ -130,5 +137,5 @@ async def test_caller_without_deadline_gets_the_server_default(
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert 0.4 < elapsed < 1.0
     assert (
-        await wait_until_no_service_statements(database_url, SERVICE_APP_NAME, within_s=0.1) == []
+        await wait_until_no_service_statements(database_url, service_app_name, within_s=0.1) == []
     )

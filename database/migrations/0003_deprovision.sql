@@ -520,3 +520,23 @@ BEGIN
     RETURN deprovision_job_document(v_job);
 END
 $$;
+
+
+-- Whichever order this and 0005_api_roles are applied in: the new table has
+-- row-level security like every other, and no function is callable by PUBLIC
+-- (0005 and its default privileges grant them to service_role).
+ALTER TABLE deprovision_requests ENABLE ROW LEVEL SECURITY;
+REVOKE EXECUTE ON FUNCTION
+    deprovision_tables(),
+    deprovision_assert_tables(),
+    deprovision_step(text, text, jsonb),
+    deprovision_job_document(deprovision_jobs),
+    deprovision_leased_job(uuid, uuid),
+    deprovision_count_rows(text),
+    deprovision_plan(text),
+    deprovision_claim(text, uuid, text, uuid, double precision),
+    deprovision_record_step(uuid, uuid, text, text, text),
+    deprovision_delete_batch(uuid, uuid, int),
+    deprovision_finish(uuid, uuid),
+    deprovision_fail(uuid, uuid, text, text, text)
+FROM PUBLIC;

@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 # own (clean) statement_timeout error normally wins the race.
 CLIENT_GRACE_S = 0.05
 ACQUIRE_SLICE_S = 0.25
+# While the database is known to be down, a call waits this long for a
+# connection (its wait also starts a reconnect attempt), then fails fast.
+DOWN_PROBE_S = 0.2
+RECONNECT_GIVE_UP_S = 2.0
 
 
 class _Reachability:
@@ -78,8 +82,13 @@ class PostgresDatabase:
             open=False,
             kwargs={"application_name": application_name, "autocommit": True, "connect_timeout": 5},
             connection_class=_tracked_connection_class(self._reach),
-            # Retry connecting in the background quickly after an outage.
-            reconnect_timeout=3600,
+            # After a database restart the idle connections are dead: test each
+            # one before handing it out (one empty round trip).
+            check=AsyncConnectionPool.check_connection,
+            # Give up background reconnects quickly: the next call that waits for
+            # a connection starts a fresh attempt at once, instead of waiting
+            # out an ever longer backoff. This bounds recovery after an outage.
+            reconnect_timeout=RECONNECT_GIVE_UP_S,
         )
 
     async def open(self, wait_s: float | None = None) -> None:
@@ -87,6 +96,10 @@ class PostgresDatabase:
 
     async def close(self) -> None:
         await self._pool.close()
+
+    @property
+    def reachable(self) -> bool:
+        return self._reach.down_since is None
 
     async def ping(self, deadline: Deadline) -> None:
         await self._run(sql.SQL("SELECT 1"), {}, deadline, cap_s=2.0, operation="ping")
@@ -114,14 +127,6 @@ class PostgresDatabase:
     async def _acquire(self, ends_at: float, operation: str) -> psycopg.AsyncConnection[Any]:
         """A pooled connection before `ends_at`; fail fast while the database is down."""
         while True:
-            if self._reach.down_since is not None and not self._pool.get_stats().get(
-                "pool_available"
-            ):
-                raise Unavailable(
-                    "database unreachable",
-                    reason="DB_UNAVAILABLE",
-                    metadata={"operation": operation},
-                )
             left = ends_at - time.monotonic()
             if left < MIN_BUDGET_S:
                 raise DeadlineExceeded(
@@ -129,11 +134,18 @@ class PostgresDatabase:
                     reason="POOL_EXHAUSTED",
                     metadata={"operation": operation},
                 )
+            down = self._reach.down_since is not None
             try:
                 # Wait in slices so that an outage noticed meanwhile fails the call fast.
-                return await self._pool.getconn(timeout=min(left, ACQUIRE_SLICE_S))
+                wait = min(left, DOWN_PROBE_S if down else ACQUIRE_SLICE_S)
+                return await self._pool.getconn(timeout=wait)
             except PoolTimeout:
-                continue
+                if self._reach.down_since is not None:
+                    raise Unavailable(
+                        "database unreachable",
+                        reason="DB_UNAVAILABLE",
+                        metadata={"operation": operation},
+                    ) from None
 
     async def _run(
         self,
@@ -146,37 +158,48 @@ class PostgresDatabase:
         tenant_id: str | None = None,
     ) -> Any:
         budget = deadline.budget(cap_s, operation)
+        with timed_call(
+            log,
+            operation,
+            budget_s=budget,
+            slow_ms=self._slow_call_ms,
+            tenant_id=tenant_id,
+            transport=self.name,
+        ):
+            return await self._run_bounded(query, args, budget, operation, tenant_id)
+
+    async def _run_bounded(
+        self,
+        query: sql.Composable,
+        args: Mapping[str, Any],
+        budget: float,
+        operation: str,
+        tenant_id: str | None,
+    ) -> Any:
+        """Run within `budget` seconds; psycopg and pool errors become typed errors."""
         ends_at = time.monotonic() + budget
         try:
-            with timed_call(
-                log,
-                operation,
-                budget_s=budget,
-                slow_ms=self._slow_call_ms,
-                tenant_id=tenant_id,
-                transport=self.name,
-            ):
-                async with asyncio.timeout(budget + CLIENT_GRACE_S):
-                    conn = await self._acquire(ends_at, operation)
-                    try:
-                        left_ms = int((ends_at - time.monotonic()) * 1000)
-                        if left_ms < MIN_BUDGET_S * 1000:
-                            raise DeadlineExceeded(
-                                "deadline exhausted while waiting for a database connection",
-                                reason="BUDGET_EXHAUSTED",
-                                metadata={"operation": operation},
-                            )
-                        async with conn.transaction():
-                            await conn.execute(
-                                "SELECT set_config('statement_timeout', %(ms)s, true),"
-                                " set_config('lock_timeout', %(ms)s, true)",
-                                {"ms": str(left_ms)},
-                            )
-                            cursor = await conn.execute(query, dict(args))
-                            row = await cursor.fetchone()
-                            return row[0] if row else None
-                    finally:
-                        await self._pool.putconn(conn)
+            async with asyncio.timeout(budget + CLIENT_GRACE_S):
+                conn = await self._acquire(ends_at, operation)
+                try:
+                    left_ms = int((ends_at - time.monotonic()) * 1000)
+                    if left_ms < MIN_BUDGET_S * 1000:
+                        raise DeadlineExceeded(
+                            "deadline exhausted while waiting for a database connection",
+                            reason="BUDGET_EXHAUSTED",
+                            metadata={"operation": operation},
+                        )
+                    async with conn.transaction():
+                        await conn.execute(
+                            "SELECT set_config('statement_timeout', %(ms)s, true),"
+                            " set_config('lock_timeout', %(ms)s, true)",
+                            {"ms": str(left_ms)},
+                        )
+                        cursor = await conn.execute(query, dict(args))
+                        row = await cursor.fetchone()
+                        return row[0] if row else None
+                finally:
+                    await self._pool.putconn(conn)
         except TimeoutError:
             raise DeadlineExceeded(
                 "database call timed out", reason="DB_TIMEOUT", metadata={"operation": operation}

@@ -7,6 +7,7 @@ import asyncio
 import json
 import re
 import shlex
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from devstack.examples import GRPCURL, crm_examples, provisioning_examples
 from shared.auth import TokenRegistry
 from shared.database.migrations import SEED_FILE
 from tests.conftest import TOKEN_ADMIN, TOKEN_READER
+from tests.factories import unique_tenant
 from tests.provisioning_fixtures import (
     FakeReply,
     FakeSendGrid,
@@ -155,9 +157,11 @@ async def test_readme_deprovision_commands_dry_run_then_real(
     tokens: TokenRegistry,
     sendgrid: FakeSendGrid,
     tmp_path: Path,
-    demo_data: None,
+    sql: Any,
 ) -> None:
     dry, real = readme_deprovision_commands()
+    # The seed brings back demo tenants an earlier run deprovisioned (as `make run` does).
+    sql.execute(SEED_FILE.read_text())
     # As under `make run`: dev mode, no SendGrid key, demo directories.
     async with provisioning_server(
         database, tokens, sendgrid, tmp_path, sendgrid_api_key=None, dev_mode=True
@@ -167,7 +171,7 @@ async def test_readme_deprovision_commands_dry_run_then_real(
         kwargs: dict[str, Any] = {
             "token": TOKEN_ADMIN,
             "readme_address": README_PROVISIONING_ADDRESS,
-            "request_id": "0b6f7c1e-58a4-4c1f-9d1e-2f4a6b8c0d13",
+            "request_id": str(uuid.uuid4()),
         }
 
         code, out, err = await run(dry, address, **kwargs)
@@ -203,7 +207,7 @@ async def test_readme_deprovision_commands_dry_run_then_real(
 async def test_grpcurl_shows_the_partial_response_of_a_failed_deprovision(
     database: Any, tokens: TokenRegistry, sendgrid: FakeSendGrid, tmp_path: Path, sql: Any
 ) -> None:
-    tenant = "grpcurl-partial"
+    tenant = unique_tenant("grpcurl")
     sql.execute("INSERT INTO tenants (id) VALUES (%s)", (tenant,))
     sql.execute(
         "INSERT INTO tenant_settings (tenant_id, sendgrid_username) VALUES (%s, 'x-mail')",
@@ -219,7 +223,7 @@ async def test_grpcurl_shows_the_partial_response_of_a_failed_deprovision(
             address,
             token=TOKEN_ADMIN,
             readme_address=README_PROVISIONING_ADDRESS,
-            request_id="5d0b0a52-8f0e-4a47-8a3c-7f3e0f6b9c21",
+            request_id=str(uuid.uuid4()),
         )
     assert code != 0
     assert "Code: Unavailable" in err

@@ -37,15 +37,25 @@ def data_step(response: pb.DeprovisionResponse) -> pb.StepResult:
     return found
 
 
+def recorded_rows(sql: psycopg.Connection[Any], tenant: str) -> int:
+    """Rows the tenant's job has recorded as deleted."""
+    row = sql.execute(
+        "SELECT coalesce(sum(value::bigint), 0) FROM deprovision_jobs,"
+        " jsonb_each_text(coalesce(steps -> 'TENANT_DATA' -> 'rows', '{}')) WHERE tenant_id = %s",
+        (tenant,),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 async def test_deadline_cuts_row_deletion_part_way_and_repeated_calls_finish(
     database: Any, tokens: TokenRegistry, sendgrid: FakeSendGrid, tmp_path: Path, sql: Any
 ) -> None:
-    # Small batches so that a short deadline is sure to stop part-way.
     async with provisioning_server(
-        database, tokens, sendgrid, tmp_path, max_batch_rows=300
+        database, tokens, sendgrid, tmp_path, max_batch_rows=2000
     ) as provisioning:
         tenant = unique_tenant("large")
-        expected = seed_tenant(sql, tenant, clients=8000, clients_dir=provisioning.clients_dir)
+        expected = seed_tenant(sql, tenant, clients=12_000, clients_dir=provisioning.clients_dir)
         total = sum(expected.values())
         other = unique_tenant("other")
         seed_tenant(sql, other, clients=50, clients_dir=provisioning.clients_dir)
@@ -53,36 +63,42 @@ async def test_deadline_cuts_row_deletion_part_way_and_repeated_calls_finish(
         other_dir = tree(provisioning.clients_dir / other)
         request_id = str(uuid.uuid4())
 
-        error = await provisioning.failure(tenant, request_id=request_id, deadline_s=0.5)
-
-        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        partial = partial_response(error)
-        assert partial.state == pb.JOB_STATE_FAILED
-        assert data_step(partial).outcome == pb.STEP_OUTCOME_FAILED
-        deleted = sum(data_step(partial).rows.values())
-        left = sum(remaining_rows(sql, tenant).values()) - 1  # the tenants row stays to the end
-        assert 0 < deleted < total
-        # Committed batches: every deleted row is counted, none is lost.
-        assert deleted + left == total
-        assert snapshot_except(sql, tenant) == others_before
-
-        calls = 1
-        while True:
-            calls += 1
-            assert calls < 200, "deprovisioning does not make progress"
+        left = total
+        cut_part_way = 0
+        # The same request again and again, each with a deadline far too short for the lot.
+        for _ in range(100):
             try:
                 reply = await provisioning.deprovision(
                     tenant, request_id=request_id, deadline_s=0.5
                 )
                 break
             except grpc.aio.AioRpcError as cut:
-                assert cut.code() == grpc.StatusCode.DEADLINE_EXCEEDED, cut
-                now_left = sum(remaining_rows(sql, tenant).values()) - 1
-                assert now_left < left, "a call made no progress"
+                # A loaded machine may let the caller's deadline pass before the answer
+                # (then grpc reports it without our details), or a retry may come while
+                # the cut call still holds the lease.
+                assert cut.code() in {
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    grpc.StatusCode.ABORTED,
+                }, cut
+                if cut.code() == grpc.StatusCode.DEADLINE_EXCEEDED and cut.trailing_metadata():
+                    partial = partial_response(cut)
+                    assert partial.state == pb.JOB_STATE_FAILED
+                    assert data_step(partial).outcome in {
+                        pb.STEP_OUTCOME_FAILED,
+                        pb.STEP_OUTCOME_PENDING,
+                    }
+                now_left = sum(remaining_rows(sql, tenant).values()) - 1  # the tenants row
+                # Committed batches: every deleted row is counted in the job, none is lost.
+                assert recorded_rows(sql, tenant) + now_left == total
+                assert now_left <= left
+                cut_part_way += 0 < now_left < total
                 left = now_left
+                assert snapshot_except(sql, tenant) == others_before
+        else:
+            pytest.fail("deprovisioning did not finish in 100 calls")
 
+        assert cut_part_way >= 1
         assert reply.state == pb.JOB_STATE_COMPLETED
-        assert reply.job_id == partial.job_id
         assert dict(data_step(reply).rows) == expected
         assert remaining_rows(sql, tenant) == {}
         assert not (provisioning.clients_dir / tenant).exists()

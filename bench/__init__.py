@@ -1,0 +1,4 @@
+"""Benchmarks (`make bench`, `python -m bench [NAME ...]`); not part of CI.
+
+Timing claims live here, never in tests (design §9).
+"""

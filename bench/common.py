@@ -1,0 +1,258 @@
+"""What every benchmark needs: a PostgreSQL server and a fresh, migrated
+database in it; a real service subprocess that is healthy; timing statistics
+and a Markdown table.
+
+The server is the embedded PostgreSQL under `.data/bench` (stopped when the
+benchmark exits, data kept for the next run) unless DATABASE_URL names one;
+either way the benchmark works in a database of its own, never in the
+database DATABASE_URL points at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import grpc
+import psycopg
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from psycopg import sql
+
+from shared.auth import token_sha256
+from shared.database.embedded import start_embedded
+from shared.database.migrations import apply_migrations
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_DATA_DIR = ROOT / ".data" / "bench"
+# The dev stack's fixed ports; a benchmark must not collide with `make run`.
+RESERVED_PORTS = frozenset({50051, 50052})
+
+_STARTED = time.monotonic()
+
+
+def say(message: str) -> None:
+    """A progress line, stamped with the seconds since the benchmark started."""
+    print(f"[{time.monotonic() - _STARTED:7.1f}s] {message}", flush=True)
+
+
+# --- PostgreSQL ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchServer:
+    url: str  # connects to the server's default database, used to create others
+    embedded: bool
+
+
+def bench_server() -> BenchServer:
+    """The server named by DATABASE_URL, else the embedded one under .data/bench."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        return BenchServer(url, embedded=False)
+    return BenchServer(start_embedded(BENCH_DATA_DIR), embedded=True)
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+
+def database_exists(server: BenchServer, name: str) -> bool:
+    with psycopg.connect(server.url, autocommit=True) as conn:
+        row = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+    return row is not None
+
+
+def create_fresh_database(server: BenchServer, name: str) -> str:
+    """Drop `name` if present, create it, apply the real migrations; return its URL."""
+    with psycopg.connect(server.url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = with_database(server.url, name)
+    apply_migrations(url)
+    return url
+
+
+def server_facts(url: str) -> dict[str, str]:
+    """Version and the settings that matter most for the timings."""
+    names = ("server_version", "shared_buffers", "work_mem", "max_parallel_workers_per_gather")
+    facts = {}
+    with psycopg.connect(url) as conn:
+        for name in names:
+            row = conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()
+            facts[name] = str(row[0]) if row else "?"
+    return facts
+
+
+# --- a real service process ----------------------------------------------------
+
+
+def free_port() -> int:
+    """A free ephemeral port on loopback (the dev stack's ports excluded)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port: int = probe.getsockname()[1]
+        if port not in RESERVED_PORTS:
+            return port
+
+
+def write_tokens_file(
+    path: Path, token: str, scopes: Iterable[str], *, name: str = "bench"
+) -> None:
+    """An AUTH_TOKENS_FILE with one caller (README format; only the hash is stored)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "# Written by the benchmark; rewritten on every run.\n"
+        "[[callers]]\n"
+        f'name = "{name}"\n'
+        f'token_sha256 = "{token_sha256(token)}"\n'
+        "scopes = [" + ", ".join(f'"{s}"' for s in scopes) + "]\n"
+    )
+    path.chmod(0o600)
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+async def _wait_serving(
+    address: str, process: asyncio.subprocess.Process, log_path: Path, timeout_s: float
+) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        give_up = time.monotonic() + timeout_s
+        while True:
+            if process.returncode is not None:
+                raise RuntimeError(
+                    f"service exited with {process.returncode} before serving; "
+                    f"log {log_path}:\n{_tail(log_path)}"
+                )
+            try:
+                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass  # not listening yet
+            if time.monotonic() > give_up:
+                raise RuntimeError(
+                    f"service at {address} not SERVING after {timeout_s:.0f}s; "
+                    f"log {log_path}:\n{_tail(log_path)}"
+                )
+            await asyncio.sleep(0.1)
+
+
+@asynccontextmanager
+async def service_process(
+    module: str,
+    *,
+    listen_var: str,
+    env: Mapping[str, str],
+    log_path: Path,
+    start_timeout_s: float = 60.0,
+) -> AsyncIterator[str]:
+    """Run `python -m module` listening on a free loopback port; yield its address
+    once gRPC health says SERVING; SIGTERM it (graceful drain) on the way out.
+
+    Its output goes to `log_path` so that access logs do not interleave with
+    the benchmark's own lines.
+    """
+    address = f"127.0.0.1:{free_port()}"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            module,
+            env={**os.environ, **env, listen_var: address},
+            cwd=ROOT,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            await _wait_serving(address, process, log_path, start_timeout_s)
+            yield address
+        finally:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    async with asyncio.timeout(15):
+                        await process.wait()
+                except TimeoutError:
+                    process.kill()
+                    await process.wait()
+
+
+# --- statistics and the table ----------------------------------------------------
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100), interpolating linearly between closest ranks
+    (numpy's default). With few samples p95 sits close to the maximum."""
+    if not samples:
+        raise ValueError("no samples")
+    ordered = sorted(samples)
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+@dataclass(frozen=True)
+class Stats:
+    n: int
+    median_s: float
+    p95_s: float
+
+    @classmethod
+    def of(cls, samples_s: Sequence[float]) -> Stats:
+        return cls(len(samples_s), statistics.median(samples_s), percentile(samples_s, 95))
+
+
+def format_ms(seconds: float) -> str:
+    ms = seconds * 1000
+    return f"{ms:,.1f}" if ms < 100 else f"{ms:,.0f}"
+
+
+def markdown_table(
+    header: Sequence[str], rows: Iterable[Sequence[Any]], *, right: Iterable[int] = ()
+) -> str:
+    """A Markdown table padded to line up in a terminal; `right` columns are numeric."""
+    right_columns = set(right)
+    cells = [list(map(str, header)), *([str(c) for c in row] for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        padded = (
+            c.rjust(w) if i in right_columns else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+        return "| " + " | ".join(padded) + " |"
+
+    rule = (
+        "|"
+        + "|".join(
+            "-" * (w + 1) + ":" if i in right_columns else "-" * (w + 2)
+            for i, w in enumerate(widths)
+        )
+        + "|"
+    )
+    return "\n".join([line(cells[0]), rule, *(line(row) for row in cells[1:])])

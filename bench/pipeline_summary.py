@@ -1,0 +1,616 @@
+"""PipelineSummary: end to end over gRPC vs the bare SQL call vs the naive way.
+
+For one tenant of 1k, 100k and 1M clients (two quotes per client; a 200k-client
+noise tenant and the other sizes share the tables), measured in one run:
+
+- `sql` (the floor): `SELECT pipeline_summary(tenant)` with psycopg;
+- `grpc`: `crm.v1.CrmService/PipelineSummary` against a real `python -m crm_svc`
+  subprocess (auth, deadline, pool, transaction, proto conversion included);
+- `naive`: what the service replaces: fetch the tenant's clients and quotes
+  with psycopg and aggregate in Python (design §6 semantics, Decimal).
+
+Once per size all three answers are compared and must agree exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import secrets
+import shlex
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import grpc
+import psycopg
+
+from bench.common import (
+    BENCH_DATA_DIR,
+    BenchServer,
+    Stats,
+    bench_server,
+    create_fresh_database,
+    database_exists,
+    format_ms,
+    markdown_table,
+    say,
+    server_facts,
+    service_process,
+    with_database,
+    write_tokens_file,
+)
+from crm_svc.pipeline import SUMMARY_CAP_S
+from shared.auth import SCOPE_PIPELINE_READ
+from shared.database.migrations import apply_migrations
+from shared.money import from_money
+from shared.proto_gen.crm.v1 import crm_pb2, crm_pb2_grpc
+
+BENCH_DB = "crm_bench"
+# Stored as every bench tenant's name. Change it whenever the generator
+# changes, so that old data is regenerated instead of silently reused.
+DATASET_MARKER = "pipeline-summary bench data v1"
+QUOTES_PER_CLIENT = 2
+# Clients inserted per statement (all tenants together), i.e. per progress line.
+ROUND_CLIENTS = 100_000
+RPC_TIMEOUT_S = 60.0
+
+STAGES = ("QUOTED", "NEGOTIATING", "BOOKED", "PAID", "TRAVELLED", "LOST")
+OPEN_STAGES = frozenset(STAGES[:4])
+
+
+@dataclass(frozen=True)
+class TenantSpec:
+    tenant_id: str
+    clients: int
+    salt: int  # seeds this tenant's pseudo-random draws
+    label: str | None = None  # the size it is measured as; None for the noise tenant
+    reps: int = 0  # default timed repetitions per method
+
+
+MEASURED = (
+    TenantSpec("bench-1k", 1_000, salt=1, label="1k", reps=50),
+    TenantSpec("bench-100k", 100_000, salt=2, label="100k", reps=15),
+    TenantSpec("bench-1m", 1_000_000, salt=3, label="1m", reps=5),
+)
+NOISE = TenantSpec("bench-noise", 200_000, salt=4)
+ALL_TENANTS = (*MEASURED, NOISE)
+
+METHODS = ("sql", "grpc", "naive")
+METHOD_LABELS = {
+    "sql": "SQL `pipeline_summary` (floor)",
+    "grpc": "gRPC PipelineSummary, end to end",
+    "naive": "naive: fetch rows, sum in Python",
+}
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--sizes",
+        default=",".join(t.label for t in MEASURED if t.label),
+        help="comma-separated tenant sizes to measure (default: %(default)s)",
+    )
+
+
+# --- data --------------------------------------------------------------------------
+
+
+def _uniform(value_sql: str, draw: int) -> str:
+    """SQL for a pseudo-random number in [0, 1) that depends only on the row's
+    `value_sql`, the tenant's salt and the `draw` number: every fresh load
+    produces the same rows, so runs stay comparable."""
+    return (
+        f"((hashint8extended(({value_sql})::bigint, salt * 64 + {draw})"
+        " & 2147483647)::float8 / 2147483648)"
+    )
+
+
+def _vary_case(text_sql: str, draw_sql: str) -> str:
+    return (
+        f"CASE WHEN {draw_sql} < 0.15 THEN upper({text_sql})"
+        f" WHEN {draw_sql} < 0.30 THEN initcap({text_sql}) ELSE {text_sql} END"
+    )
+
+
+def _vary_padding(text_sql: str, draw_sql: str) -> str:
+    # Spaces are trimmed by the normalisation; a tab is not (btrim strips spaces only).
+    return (
+        f"CASE WHEN {draw_sql} < 0.10 THEN '  ' || {text_sql} || ' '"
+        f" WHEN {draw_sql} < 0.11 THEN {text_sql} || E'\\t' ELSE {text_sql} END"
+    )
+
+
+# One statement per round: a slice of every tenant's clients, shuffled so that
+# tenants' rows interleave on the heap pages the way years of concurrent use
+# leave them, and two quotes per new client. 5% of quotes are leads with no
+# client; the rest reuse the client's address, re-cased and re-padded.
+LOAD_ROUND_SQL = f"""
+WITH slice AS (
+    SELECT s.tenant_id, s.salt, n::bigint AS n
+    FROM unnest(%(tenant_ids)s::text[], %(salts)s::int[], %(firsts)s::int[], %(lasts)s::int[])
+             AS s(tenant_id, salt, first_n, last_n),
+         generate_series(s.first_n, s.last_n) AS n
+),
+drawn AS (
+    SELECT tenant_id, n,
+           {_uniform("n", 1)} AS r_kind,
+           -- 3 in 100 share the previous client's address (couples, families).
+           CASE WHEN n > 1 AND {_uniform("n", 2)} < 0.03 THEN n - 1 ELSE n END AS owner_n,
+           {_uniform("n", 3)} AS r_case,
+           {_uniform("n", 4)} AS r_pad,
+           {_uniform("n", 5)} AS r_stage,
+           {_uniform("n", 6)} AS r_order
+    FROM slice
+),
+addressed AS (
+    SELECT *, 'client' || owner_n || '@'
+              || (ARRAY['gmail.com', 'example.com', 'travel.io', 'mail.de', 'yahoo.fr'])[1 + owner_n %% 5]
+              AS address
+    FROM drawn
+),
+new_clients AS (
+    INSERT INTO clients (tenant_id, email, name, pipeline_stage)
+    SELECT tenant_id,
+           CASE WHEN r_kind < 0.02 THEN NULL
+                WHEN r_kind < 0.03 THEN ''
+                WHEN r_kind < 0.035 THEN '   '
+                ELSE {_vary_padding(_vary_case("address", "r_case"), "r_pad")} END,
+           'Client ' || n,
+           CASE WHEN r_stage < 0.30 THEN 'QUOTED'
+                WHEN r_stage < 0.50 THEN 'NEGOTIATING'
+                WHEN r_stage < 0.65 THEN 'BOOKED'
+                WHEN r_stage < 0.75 THEN 'PAID'
+                WHEN r_stage < 0.90 THEN 'TRAVELLED'
+                ELSE 'LOST' END
+    FROM addressed
+    ORDER BY r_order
+    RETURNING tenant_id, id, email
+),
+quote_draws AS (
+    SELECT c.tenant_id, c.id AS client_id, c.email, k,
+           {_uniform("c.id * 2 + k", 11)} AS r_lead,
+           {_uniform("c.id * 2 + k", 12)} AS r_case,
+           {_uniform("c.id * 2 + k", 13)} AS r_pad,
+           {_uniform("c.id * 2 + k", 14)} AS r_price,
+           {_uniform("c.id * 2 + k", 15)} AS r_currency
+    FROM new_clients c
+    JOIN (SELECT id, salt FROM unnest(%(tenant_ids)s::text[], %(salts)s::int[]) AS t(id, salt)) t
+      ON t.id = c.tenant_id,
+         generate_series(1, {QUOTES_PER_CLIENT}) AS k
+)
+INSERT INTO quotes (tenant_id, client_id, customer_email, total_price, currency)
+SELECT tenant_id,
+       CASE WHEN r_lead < 0.05 THEN NULL ELSE client_id END,
+       CASE WHEN r_lead < 0.05 THEN 'lead' || client_id || '.' || k || '@example.net'
+            ELSE {_vary_padding(_vary_case("lower(btrim(email))", "r_case"), "r_pad")} END,
+       CASE WHEN r_price < 0.05 THEN NULL
+            ELSE round((20 + r_price * 9980)::numeric, 2) END,
+       CASE WHEN r_currency < 0.45 THEN 'EUR'
+            WHEN r_currency < 0.70 THEN 'USD'
+            WHEN r_currency < 0.85 THEN 'GBP'
+            WHEN r_currency < 0.95 THEN 'CHF'
+            ELSE 'JPY' END
+FROM quote_draws
+"""
+
+
+def dataset_is_complete(url: str) -> bool:
+    """True when the database holds exactly the expected bench tenants and rows."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            """
+            SELECT t.id, t.name,
+                   (SELECT count(*) FROM clients c WHERE c.tenant_id = t.id),
+                   (SELECT count(*) FROM quotes q WHERE q.tenant_id = t.id)
+            FROM tenants t
+            """
+        ).fetchall()
+    expected = {
+        (t.tenant_id, DATASET_MARKER, t.clients, t.clients * QUOTES_PER_CLIENT) for t in ALL_TENANTS
+    }
+    return set(rows) == expected
+
+
+def load_dataset(url: str) -> None:
+    total_clients = sum(t.clients for t in ALL_TENANTS)
+    rounds = math.ceil(total_clients / ROUND_CLIENTS)
+    started = time.monotonic()
+    say(
+        f"data: generating {total_clients:,} clients and "
+        f"{total_clients * QUOTES_PER_CLIENT:,} quotes in {rounds} rounds "
+        f"({', '.join(f'{t.tenant_id}={t.clients:,}' for t in ALL_TENANTS)})"
+    )
+    with psycopg.connect(url, autocommit=True) as conn:
+        # Throwaway data: no need to wait for each round's WAL flush.
+        conn.execute("SET synchronous_commit = off")
+        with conn.transaction():
+            for t in ALL_TENANTS:
+                conn.execute(
+                    "INSERT INTO tenants (id, name) VALUES (%s, %s)", (t.tenant_id, DATASET_MARKER)
+                )
+                conn.execute("INSERT INTO tenant_settings (tenant_id) VALUES (%s)", (t.tenant_id,))
+        done = 0
+        for round_index in range(rounds):
+            slices = []
+            for t in ALL_TENANTS:
+                per_round = math.ceil(t.clients / rounds)
+                first = round_index * per_round + 1
+                last = min((round_index + 1) * per_round, t.clients)
+                if first <= last:
+                    slices.append((t.tenant_id, t.salt, first, last))
+            conn.execute(
+                LOAD_ROUND_SQL,
+                {
+                    "tenant_ids": [s[0] for s in slices],
+                    "salts": [s[1] for s in slices],
+                    "firsts": [s[2] for s in slices],
+                    "lasts": [s[3] for s in slices],
+                },
+            )
+            done += sum(last - first + 1 for _, _, first, last in slices)
+            elapsed = time.monotonic() - started
+            say(
+                f"data: round {round_index + 1}/{rounds}: {done:,}/{total_clients:,} clients, "
+                f"{done * QUOTES_PER_CLIENT:,} quotes, {elapsed:.1f}s "
+                f"({done / elapsed:,.0f} clients/s)"
+            )
+        say("data: VACUUM ANALYZE (fresh statistics, visibility map, hint bits set)")
+        conn.execute("VACUUM (ANALYZE) clients, quotes, tenants")
+    say(f"data: ready in {time.monotonic() - started:.1f}s")
+
+
+def prepare_database(server: BenchServer, fresh: bool) -> str:
+    """The bench database with the full data set: reused when complete, else rebuilt."""
+    url = with_database(server.url, BENCH_DB)
+    if not fresh and database_exists(server, BENCH_DB):
+        # Later migrations (new functions) apply on top of existing data.
+        apply_migrations(url)
+        if dataset_is_complete(url):
+            say(f"data: reusing the complete data set in database {BENCH_DB} (--fresh rebuilds it)")
+            return url
+        say(f"data: database {BENCH_DB} is incomplete or outdated: rebuilding it")
+    url = create_fresh_database(server, BENCH_DB)
+    load_dataset(url)
+    return url
+
+
+# --- the three ways to get a summary, in one comparable shape --------------------
+
+Amounts = tuple[tuple[str, Decimal], ...]  # (currency, amount), sorted by currency
+
+
+@dataclass(frozen=True)
+class Summary:
+    stages: tuple[tuple[str, int, Amounts, bool], ...]  # (stage, clients, value, open)
+    total_clients: int
+    open_value: Amounts
+
+
+def summary_from_document(document: dict[str, Any]) -> Summary:
+    def amounts(items: list[dict[str, str]]) -> Amounts:
+        return tuple((i["currency"], Decimal(i["amount"])) for i in items)
+
+    return Summary(
+        stages=tuple(
+            (s["stage"], int(s["client_count"]), amounts(s["value"]), bool(s["open"]))
+            for s in document["stages"]
+        ),
+        total_clients=int(document["total_clients"]),
+        open_value=amounts(document["open_value"]),
+    )
+
+
+def summary_from_response(response: crm_pb2.PipelineSummaryResponse) -> Summary:
+    def amounts(items: Iterable[Any]) -> Amounts:
+        return tuple((m.currency_code, from_money(m)) for m in items)
+
+    return Summary(
+        stages=tuple(
+            (
+                crm_pb2.PipelineStage.Name(s.stage).removeprefix("PIPELINE_STAGE_"),
+                s.client_count,
+                amounts(s.value),
+                s.open,
+            )
+            for s in response.stages
+        ),
+        total_clients=response.total_clients,
+        open_value=amounts(response.open_value),
+    )
+
+
+def _normalise(email: str | None) -> str | None:
+    """lower(btrim(x)) as PostgreSQL does it (btrim strips spaces only); blank is None."""
+    if email is None:
+        return None
+    return email.strip(" ").lower() or None
+
+
+def aggregate_in_python(
+    clients: Iterable[tuple[str, str | None]],
+    quotes: Iterable[tuple[str | None, Decimal | None, str]],
+) -> Summary:
+    """Design §6 over fetched rows: the work the SQL function does in the database.
+
+    Written the way a careful engineer would (quotes summed per address once,
+    then one dict lookup per client), so the comparison is with a fair naive
+    implementation, not a quadratic strawman.
+    """
+    zero = Decimal(0)
+    quote_totals: dict[str, dict[str, Decimal]] = {}
+    for email, price, currency in quotes:
+        key = _normalise(email)
+        if key is None or price is None:
+            continue
+        per_currency = quote_totals.setdefault(key, {})
+        per_currency[currency] = per_currency.get(currency, zero) + price
+
+    counts = dict.fromkeys(STAGES, 0)
+    values: dict[str, dict[str, Decimal]] = {stage: {} for stage in STAGES}
+    for stage, email in clients:
+        counts[stage] += 1
+        key = _normalise(email)
+        totals = quote_totals.get(key) if key is not None else None
+        if totals:
+            stage_values = values[stage]
+            for currency, amount in totals.items():
+                stage_values[currency] = stage_values.get(currency, zero) + amount
+
+    open_value: dict[str, Decimal] = {}
+    for stage in OPEN_STAGES:
+        for currency, amount in values[stage].items():
+            open_value[currency] = open_value.get(currency, zero) + amount
+    return Summary(
+        stages=tuple(
+            (stage, counts[stage], tuple(sorted(values[stage].items())), stage in OPEN_STAGES)
+            for stage in STAGES
+        ),
+        total_clients=sum(counts.values()),
+        open_value=tuple(sorted(open_value.items())),
+    )
+
+
+async def naive_summary(conn: psycopg.AsyncConnection[Any], tenant_id: str) -> Summary:
+    """Fetch the rows and aggregate in Python, in one snapshot like the SQL function."""
+    async with conn.transaction():
+        cursor = await conn.execute("SELECT status FROM tenants WHERE id = %s", (tenant_id,))
+        tenant = await cursor.fetchone()
+        if tenant is None or tenant[0] != "active":
+            raise RuntimeError(f"tenant {tenant_id} missing or not active")
+        cursor = await conn.execute(
+            "SELECT pipeline_stage, email FROM clients WHERE tenant_id = %s", (tenant_id,)
+        )
+        clients = await cursor.fetchall()
+        cursor = await conn.execute(
+            "SELECT customer_email, total_price, currency FROM quotes WHERE tenant_id = %s",
+            (tenant_id,),
+        )
+        quotes = await cursor.fetchall()
+    return aggregate_in_python(clients, quotes)
+
+
+# --- measuring -----------------------------------------------------------------------
+
+
+@dataclass
+class Contenders:
+    """The three ways to get a summary, over connections opened once per run."""
+
+    sql_conn: psycopg.AsyncConnection[Any]
+    naive_conn: psycopg.AsyncConnection[Any]
+    stub: crm_pb2_grpc.CrmServiceStub
+    metadata: tuple[tuple[str, str], ...]
+
+    async def sql(self, tenant_id: str) -> dict[str, Any]:
+        cursor = await self.sql_conn.execute("SELECT pipeline_summary(%s)", (tenant_id,))
+        row = await cursor.fetchone()
+        assert row is not None
+        document: dict[str, Any] = row[0]
+        return document
+
+    async def grpc(self, tenant_id: str) -> crm_pb2.PipelineSummaryResponse:
+        response: crm_pb2.PipelineSummaryResponse = await self.stub.PipelineSummary(
+            crm_pb2.PipelineSummaryRequest(tenant_id=tenant_id),
+            metadata=self.metadata,
+            timeout=RPC_TIMEOUT_S,
+        )
+        return response
+
+    async def naive(self, tenant_id: str) -> Summary:
+        return await naive_summary(self.naive_conn, tenant_id)
+
+    def method(self, name: str) -> Callable[[str], Awaitable[Any]]:
+        methods: dict[str, Callable[[str], Awaitable[Any]]] = {
+            "sql": self.sql,
+            "grpc": self.grpc,
+            "naive": self.naive,
+        }
+        return methods[name]
+
+
+@dataclass
+class Measurement:
+    tenant: TenantSpec
+    samples: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in METHODS})
+    # gRPC status names of failed calls: a failure is a result too, not a crash.
+    failures: dict[str, list[str]] = field(default_factory=lambda: {m: [] for m in METHODS})
+
+
+def _rpc_failure(exc: grpc.aio.AioRpcError) -> str:
+    return f"{exc.code().name}: {exc.details()}"
+
+
+async def warm_up_and_verify(contenders: Contenders, measurement: Measurement) -> None:
+    """One call of each method (the warm-up); the answers must agree exactly."""
+    tenant = measurement.tenant
+    started = time.monotonic()
+    from_sql = summary_from_document(await contenders.sql(tenant.tenant_id))
+    from_naive = await contenders.naive(tenant.tenant_id)
+    try:
+        from_grpc: Summary | None = summary_from_response(await contenders.grpc(tenant.tenant_id))
+    except grpc.aio.AioRpcError as exc:
+        measurement.failures["grpc"].append(exc.code().name)
+        say(f"{tenant.label}: gRPC warm-up call FAILED: {_rpc_failure(exc)}")
+        from_grpc = None
+    answers = {"sql": from_sql, "naive": from_naive}
+    if from_grpc is not None:
+        answers["grpc"] = from_grpc
+    if len(set(answers.values())) != 1:
+        raise RuntimeError(
+            f"summaries of {tenant.tenant_id} disagree:\n"
+            + "\n".join(f"  {name}: {answer}" for name, answer in answers.items())
+        )
+    if from_sql.total_clients != tenant.clients:
+        raise RuntimeError(
+            f"{tenant.tenant_id}: {from_sql.total_clients} clients, expected {tenant.clients}"
+        )
+    currencies = sorted({c for _, _, value, _ in from_sql.stages for c, _ in value})
+    say(
+        f"{tenant.label}: warm-up done, {' = '.join(answers)} exactly "
+        f"({from_sql.total_clients:,} clients, currencies {'/'.join(currencies)}) "
+        f"in {time.monotonic() - started:.1f}s"
+    )
+
+
+async def measure(contenders: Contenders, measurement: Measurement, reps: int) -> None:
+    """`reps` rounds; each round calls every method once, starting with a different
+    one each time, so that drift and neighbours' load hit all methods alike."""
+    tenant_id = measurement.tenant.tenant_id
+    started = last_report = time.monotonic()
+    for round_index in range(reps):
+        shift = round_index % len(METHODS)
+        for name in METHODS[shift:] + METHODS[:shift]:
+            call = contenders.method(name)
+            t0 = time.perf_counter()
+            try:
+                await call(tenant_id)
+            except grpc.aio.AioRpcError as exc:
+                measurement.failures[name].append(exc.code().name)
+                say(f"{measurement.tenant.label}: {name} call FAILED: {_rpc_failure(exc)}")
+                continue
+            measurement.samples[name].append(time.perf_counter() - t0)
+        now = time.monotonic()
+        if now - last_report > 5 or round_index + 1 == reps:
+            last_report = now
+            say(
+                f"{measurement.tenant.label}: round {round_index + 1}/{reps} ({now - started:.1f}s)"
+            )
+
+
+def _selected(sizes: str) -> list[TenantSpec]:
+    wanted = [s.strip().lower() for s in sizes.split(",") if s.strip()]
+    known = {t.label: t for t in MEASURED}
+    unknown = [s for s in wanted if s not in known]
+    if unknown:
+        raise SystemExit(f"unknown size(s) {unknown}; known: {', '.join(map(str, known))}")
+    return [known[s] for s in wanted]
+
+
+def report(measurements: Sequence[Measurement], facts: dict[str, str], where: str) -> None:
+    rows = []
+    failures = []
+    for m in measurements:
+        floor = Stats.of(m.samples["sql"]).median_s
+        for name in METHODS:
+            if m.failures[name]:
+                failed = ", ".join(f"{code} x{n}" for code, n in Counter(m.failures[name]).items())
+                failures.append(f"{m.tenant.clients:,} clients, {METHOD_LABELS[name]}: {failed}")
+            if not m.samples[name]:
+                rows.append([f"{m.tenant.clients:,}", METHOD_LABELS[name], 0, "-", "-", "-"])
+                continue
+            stats = Stats.of(m.samples[name])
+            rows.append(
+                [
+                    f"{m.tenant.clients:,}",
+                    METHOD_LABELS[name],
+                    stats.n,
+                    format_ms(stats.median_s),
+                    format_ms(stats.p95_s),
+                    f"{stats.median_s / floor:.2f}x",
+                ]
+            )
+    command = shlex.join([os.path.relpath(sys.executable), "-m", "bench", *sys.argv[1:]])
+    print()
+    print("## PipelineSummary: one tenant, end to end vs the SQL floor vs naive Python")
+    print()
+    print(f"- command: `{command}`")
+    print(
+        f"- PostgreSQL {facts['server_version']} ({where}); shared_buffers={facts['shared_buffers']},"
+        f" work_mem={facts['work_mem']},"
+        f" max_parallel_workers_per_gather={facts['max_parallel_workers_per_gather']};"
+        f" {os.cpu_count()} CPUs shared with other work"
+    )
+    print(
+        f"- data: {QUOTES_PER_CLIENT} quotes per client; each tenant's rows are interleaved on the"
+        f" heap with the other sizes and a {NOISE.clients:,}-client noise tenant"
+        f" ({sum(t.clients for t in ALL_TENANTS):,} clients in all)"
+    )
+    print(
+        "- per size: one warm-up call of each method (answers compared, equal), then n rounds"
+        " calling each once in rotating order; p95 interpolates between ranks (n=5: near the max)"
+    )
+    print(
+        f"- crm_svc caps one summary at {SUMMARY_CAP_S:g}s whatever the caller's deadline"
+        f" (bench deadline {RPC_TIMEOUT_S:g}s)"
+    )
+    print()
+    print(
+        markdown_table(
+            ["clients", "method", "n", "median ms", "p95 ms", "median / floor"],
+            rows,
+            right=(0, 2, 3, 4, 5),
+        )
+    )
+    if failures:
+        print()
+        print("Failed calls (not in the timings): " + "; ".join(failures))
+    print()
+
+
+async def run(args: argparse.Namespace) -> None:
+    tenants = _selected(args.sizes)
+    server = bench_server()
+    where = f"embedded, {BENCH_DATA_DIR}" if server.embedded else "DATABASE_URL"
+    say(f"PostgreSQL: {where}")
+    url = prepare_database(server, fresh=args.fresh)
+    facts = server_facts(url)
+
+    token = secrets.token_urlsafe(24)
+    tokens_file = BENCH_DATA_DIR / "tokens.toml"
+    write_tokens_file(tokens_file, token, [SCOPE_PIPELINE_READ])
+    service_env = {
+        "DATABASE_URL": url,
+        "AUTH_TOKENS_FILE": str(tokens_file),
+        "CRM_DEFAULT_DEADLINE_S": str(RPC_TIMEOUT_S),
+    }
+    log_path = BENCH_DATA_DIR / "crm_svc.log"
+    measurements = [Measurement(tenant) for tenant in tenants]
+    async with (
+        service_process(
+            "crm_svc", listen_var="CRM_LISTEN", env=service_env, log_path=log_path
+        ) as address,
+        grpc.aio.insecure_channel(address) as channel,
+        await psycopg.AsyncConnection.connect(
+            url, autocommit=True, application_name="bench_sql"
+        ) as sql_conn,
+        await psycopg.AsyncConnection.connect(url, application_name="bench_naive") as naive_conn,
+    ):
+        say(f"crm_svc serving on {address} (log: {log_path})")
+        await naive_conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
+        contenders = Contenders(
+            sql_conn=sql_conn,
+            naive_conn=naive_conn,
+            stub=crm_pb2_grpc.CrmServiceStub(channel),
+            metadata=(("authorization", f"Bearer {token}"),),
+        )
+        for measurement in measurements:
+            reps = args.reps or measurement.tenant.reps
+            say(f"{measurement.tenant.label}: tenant {measurement.tenant.tenant_id}, {reps} rounds")
+            await warm_up_and_verify(contenders, measurement)
+            await measure(contenders, measurement, reps)
+    report(measurements, facts, where)

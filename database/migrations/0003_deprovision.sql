@@ -354,10 +354,18 @@ $$;
 -- children before parents, and add the counts to the job in the same
 -- transaction (so a cut deadline loses neither rows nor counts).
 -- Returns {deleted: {table: n}, done, job}; done = nothing of the tenant is left.
+--
+-- Index scans only (enable_seqscan/enable_bitmapscan off inside): the tenant's
+-- rows are a large share of a table, so the planner would pick a sequential
+-- scan, which walks every earlier batch's dead tuples again (quadratic over a
+-- large tenant). A plain index scan on the tenant_id-first key marks those
+-- index entries dead as it passes them, and finds the live ones directly.
 CREATE FUNCTION deprovision_delete_batch(p_job_id uuid, p_lease_owner uuid, p_batch_rows int)
 RETURNS jsonb
 LANGUAGE plpgsql
 SET search_path = public, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
 AS $$
 DECLARE
     v_job deprovision_jobs := deprovision_leased_job(p_job_id, p_lease_owner);
@@ -427,10 +435,13 @@ $$;
 
 
 -- Step 5: delete the tenant row and complete the job (releases the lease).
--- Rows written for the tenant since step 3 despite the mark are swept first.
+-- Rows written for the tenant since step 3 despite the mark are swept first
+-- (through the tenant_id index, not a scan of every table).
 CREATE FUNCTION deprovision_finish(p_job_id uuid, p_lease_owner uuid) RETURNS jsonb
 LANGUAGE plpgsql
 SET search_path = public, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
 AS $$
 DECLARE
     v_job deprovision_jobs := deprovision_leased_job(p_job_id, p_lease_owner);

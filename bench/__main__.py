@@ -24,6 +24,7 @@ warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
 # name -> module; later issues add theirs here.
 BENCHMARKS: dict[str, str] = {
     "pipeline": "bench.pipeline_summary",
+    "deprovision": "bench.deprovision",
 }
 
 

@@ -45,6 +45,7 @@ from shared.errors import (
     ServiceError,
 )
 from shared.logs import kv
+from shared.metrics import DEPROVISION_JOBS
 from shared.status import internal_error
 from shared.tenants import parse_tenant_id
 
@@ -240,6 +241,19 @@ class Deprovisioner:
         self._max_batch_rows = max(max_batch_rows, 1)
 
     async def deprovision(
+        self, request: DeprovisionRequest, deadline: Deadline
+    ) -> DeprovisionResult:
+        try:
+            result = await self._deprovision(request, deadline)
+        except ServiceError as error:
+            for partial in error.details:
+                if isinstance(partial, DeprovisionResult):
+                    DEPROVISION_JOBS.labels(partial.state.value).inc()
+            raise
+        DEPROVISION_JOBS.labels(result.state.value).inc()
+        return result
+
+    async def _deprovision(
         self, request: DeprovisionRequest, deadline: Deadline
     ) -> DeprovisionResult:
         tenant_id = parse_tenant_id(request.tenant_id)

@@ -32,9 +32,11 @@ from shared.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     Internal,
+    ServiceError,
     Unavailable,
 )
 from shared.logs import timed_call
+from shared.metrics import SENDGRID_CALLS
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +134,17 @@ class SendGridSubusers:
 
     async def delete(
         self, name: str, deadline: Deadline, *, tenant_id: str | None = None
+    ) -> SubuserDeletion:
+        try:
+            deletion = await self._delete(name, deadline, tenant_id)
+        except ServiceError as error:
+            SENDGRID_CALLS.labels(error.reason.removeprefix("SENDGRID_").lower()).inc()
+            raise
+        SENDGRID_CALLS.labels(deletion.value).inc()
+        return deletion
+
+    async def _delete(
+        self, name: str, deadline: Deadline, tenant_id: str | None
     ) -> SubuserDeletion:
         segment = subuser_path_segment(name)
         if not self._api_key:

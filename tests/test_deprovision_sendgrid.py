@@ -15,6 +15,7 @@ import grpc
 import psycopg
 import pytest
 from google.rpc import error_details_pb2
+from prometheus_client import REGISTRY
 
 from provisioning_svc.sendgrid_subusers import (
     SendGridSubusers,
@@ -355,3 +356,27 @@ async def test_delete_through_the_library(sendgrid: FakeSendGrid) -> None:
         ("DELETE", "/v3/subusers/lib-user"),
         ("DELETE", "/v3/subusers/lib-user"),
     ]
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_sendgrid_calls_and_job_states_are_counted(
+    provisioning: Provisioning, sql: psycopg.Connection[Any]
+) -> None:
+    tenant = arrange(provisioning, sql, "metrics")
+    names = [
+        ("sendgrid_calls_total", {"outcome": "rate_limited"}),
+        ("sendgrid_calls_total", {"outcome": "deleted"}),
+        ("deprovision_jobs_total", {"state": "FAILED"}),
+        ("deprovision_jobs_total", {"state": "COMPLETED"}),
+        ("deprovision_jobs_total", {"state": "VALIDATED"}),
+    ]
+    before = [metric(name, **labels) for name, labels in names]
+    provisioning.sendgrid.script(FakeReply(429))
+    await provisioning.failure(tenant)
+    await provisioning.deprovision(tenant)
+    await provisioning.deprovision("no-such-tenant", validate_only=True, allow_missing=True)
+    after = [metric(name, **labels) for name, labels in names]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1, 1, 1]

@@ -9,6 +9,9 @@ import os
 import re
 import signal
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +29,24 @@ from tests.rpc import bearer, error_info
 TOKEN = "process-provisioning-token-0123456789"
 
 
-async def start(env: dict[str, str], tmp_path: Path) -> tuple[asyncio.subprocess.Process, int, str]:
-    """The process, its port and what it logged while starting."""
+@dataclass
+class Running:
+    process: asyncio.subprocess.Process
+    port: int = 0
+    log: str = ""
+
+    async def stop(self) -> None:
+        """SIGTERM, then the rest of its log; it must exit cleanly."""
+        self.process.send_signal(signal.SIGTERM)
+        assert self.process.stderr is not None
+        async with asyncio.timeout(15):
+            self.log += (await self.process.stderr.read()).decode()
+            assert await self.process.wait() == 0
+
+
+@asynccontextmanager
+async def provisioning_process(env: dict[str, str], tmp_path: Path) -> AsyncIterator[Running]:
+    """`python -m provisioning_svc` serving on a free port; killed if still running at the end."""
     tokens_file = tmp_path / "tokens.toml"
     tokens_file.write_text(
         f'[[callers]]\nname = "ops-console"\ntoken_sha256 = "{token_sha256(TOKEN)}"\n'
@@ -45,26 +64,21 @@ async def start(env: dict[str, str], tmp_path: Path) -> tuple[asyncio.subprocess
         },
         stderr=asyncio.subprocess.PIPE,
     )
-    assert process.stderr is not None
-    startup = ""
-    async with asyncio.timeout(30):
-        while True:
-            line = (await process.stderr.readline()).decode()
-            assert line, f"provisioning_svc exited before serving: {startup}"
-            startup += line
-            if match := re.search(
-                r"serving provisioning\.v1\.ProvisioningService on port (\d+)", line
-            ):
-                return process, int(match.group(1)), startup
-
-
-async def stop(process: asyncio.subprocess.Process) -> str:
-    process.send_signal(signal.SIGTERM)
-    assert process.stderr is not None
-    async with asyncio.timeout(15):
-        log = (await process.stderr.read()).decode()
-        assert await process.wait() == 0
-    return log
+    running = Running(process)
+    try:
+        assert process.stderr is not None
+        async with asyncio.timeout(30):
+            while not running.port:
+                line = (await process.stderr.readline()).decode()
+                assert line, f"provisioning_svc exited before serving: {running.log}"
+                running.log += line
+                if match := re.search(r"serving \S+ProvisioningService on port (\d+)", line):
+                    running.port = int(match.group(1))
+        yield running
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 async def test_the_service_process_deprovisions_in_dev_mode(
@@ -74,11 +88,9 @@ async def test_the_service_process_deprovisions_in_dev_mode(
     clients_dir.mkdir()
     tenant = unique_tenant("proc")
     rows = seed_tenant(sql, tenant, sendgrid_username="proc-mail", clients_dir=clients_dir)
-    process, port, startup = await start(
-        {"DATABASE_URL": database_url, "CLIENTS_DIR": str(clients_dir), "DEV_MODE": "1"}, tmp_path
-    )
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    env = {"DATABASE_URL": database_url, "CLIENTS_DIR": str(clients_dir), "DEV_MODE": "1"}
+    async with provisioning_process(env, tmp_path) as service:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
             stub = provisioning_pb2_grpc.ProvisioningServiceStub(channel)
             dry = await stub.Deprovision(
                 pb.DeprovisionRequest(tenant_id=tenant, validate_only=True),
@@ -88,8 +100,8 @@ async def test_the_service_process_deprovisions_in_dev_mode(
             done = await stub.Deprovision(
                 pb.DeprovisionRequest(tenant_id=tenant), metadata=bearer(TOKEN), timeout=10
             )
-    finally:
-        log = startup + await stop(process)
+        await service.stop()
+    log = service.log
     assert dry.state == pb.JOB_STATE_VALIDATED
     assert dict(dry.steps[2].rows) == rows
     assert done.state == pb.JOB_STATE_COMPLETED
@@ -106,18 +118,15 @@ async def test_without_a_key_outside_dev_mode_the_process_refuses_to_start_depro
 ) -> None:
     tenant = unique_tenant("proc")
     seed_tenant(sql, tenant)
-    process, port, _ = await start(
-        {"DATABASE_URL": database_url, "CLIENTS_DIR": str(tmp_path), "DEV_MODE": ""}, tmp_path
-    )
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    env = {"DATABASE_URL": database_url, "CLIENTS_DIR": str(tmp_path), "DEV_MODE": ""}
+    async with provisioning_process(env, tmp_path) as service:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
             stub = provisioning_pb2_grpc.ProvisioningServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.Deprovision(
                     pb.DeprovisionRequest(tenant_id=tenant), metadata=bearer(TOKEN), timeout=10
                 )
-        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert error_info(caught.value).reason == "SENDGRID_NOT_CONFIGURED"
-    finally:
-        await stop(process)
+        await service.stop()
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(caught.value).reason == "SENDGRID_NOT_CONFIGURED"
     assert remaining_rows(sql, tenant)["tenants"] == 1

@@ -17,6 +17,7 @@ import grpc
 from grpc.aio import ServicerContext
 
 from shared.auth import TokenRegistry, current_caller
+from shared.deadline import Deadline, inbound_deadline
 from shared.errors import InvalidArgument, ServiceError, Unauthenticated
 from shared.logs import kv
 from shared.metrics import RPC_SECONDS, RPCS, RPCS_IN_FLIGHT
@@ -62,7 +63,11 @@ def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], An
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
-    """Turns typed errors into statuses (one place) and logs every RPC."""
+    """Turns typed errors into statuses (one place) and logs every RPC.
+
+    It also records the caller's deadline in `inbound_deadline`, so that the
+    client helpers can pass what is left of it to the services they call.
+    """
 
     def __init__(self, domain: str, public_methods: Collection[str]) -> None:
         self._domain = domain
@@ -81,6 +86,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         def wrap(inner: Behaviour) -> Behaviour:
             async def behaviour(request: Any, context: ServicerContext) -> Any:
                 started = time.monotonic()
+                inbound_deadline.set(Deadline.from_caller(context.time_remaining()))
                 code = grpc.StatusCode.OK
                 RPCS_IN_FLIGHT.labels(method).inc()
                 try:

@@ -14,6 +14,7 @@ import pytest_asyncio
 
 from shared.auth import TokenRegistry
 from shared.database import Database
+from shared.database.postgres import PostgresDatabase
 from shared.deadline import SAFETY_MARGIN_S, Deadline
 from shared.errors import DeadlineExceeded
 from shared.proto_gen.crm.v1 import crm_pb2, crm_pb2_grpc
@@ -139,3 +140,36 @@ async def test_caller_without_deadline_gets_the_server_default(
     assert (
         await wait_until_no_service_statements(database_url, service_app_name, within_s=0.1) == []
     )
+
+
+async def test_burst_beyond_the_pool_ends_within_the_deadline(
+    database_url: str, tokens: TokenRegistry, blocked_tenant: str
+) -> None:
+    """Twenty concurrent calls on a two-connection pool, all blocked: each one
+    ends with DEADLINE_EXCEEDED or UNAVAILABLE by its deadline; none hangs."""
+    small = PostgresDatabase(database_url, application_name="crm_burst", min_size=2, max_size=2)
+    await small.open(wait_s=10)
+    handle = await start_crm_server(small, tokens)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
+            stub = crm_pb2_grpc.CrmServiceStub(channel)
+
+            async def one() -> tuple[grpc.StatusCode, float]:
+                started = time.monotonic()
+                try:
+                    await stub.PipelineSummary(
+                        crm_pb2.PipelineSummaryRequest(tenant_id=blocked_tenant),
+                        metadata=bearer(TOKEN_READER),
+                        timeout=0.5,
+                    )
+                except grpc.aio.AioRpcError as error:
+                    return error.code(), time.monotonic() - started
+                return grpc.StatusCode.OK, time.monotonic() - started
+
+            results = await asyncio.gather(*(one() for _ in range(20)))
+    finally:
+        await handle.stop(0)
+        await small.close()
+    codes = {code for code, _ in results}
+    assert codes <= {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE}, codes
+    assert max(elapsed for _, elapsed in results) < 0.7

@@ -15,10 +15,13 @@ import pytest
 from google.rpc import error_details_pb2
 
 from provisioning_svc.servicer import ERROR_DOMAIN
+from shared.clients import ProvisioningClient
+from shared.errors import Unavailable
 from shared.proto_gen.crm.v1 import crm_pb2, crm_pb2_grpc
 from shared.proto_gen.provisioning.v1 import provisioning_pb2 as pb
 from tests.conftest import (
     LIMITED_TENANT,
+    TOKEN_ADMIN,
     TOKEN_LIMITED,
     TOKEN_NO_SCOPE,
     TOKEN_READER,
@@ -472,3 +475,21 @@ async def test_partial_response_detail_is_readable(
     assert info.metadata["job_id"] == partial.job_id
     assert info.metadata["step"] == "SENDGRID_SUBUSER"
     assert info.metadata["tenant_id"] == tenant
+
+
+async def test_the_python_client_gets_the_partial_response_as_a_typed_error(
+    provisioning: Provisioning, sql: psycopg.Connection[Any]
+) -> None:
+    tenant = unique_tenant("client")
+    seed_tenant(sql, tenant, sendgrid_username="client-mail")
+    provisioning.sendgrid.script(FakeReply(503))
+    request_id = str(uuid.uuid4())
+    async with ProvisioningClient.connect(provisioning.address, TOKEN_ADMIN) as client:
+        with pytest.raises(Unavailable) as caught:
+            await client.deprovision(tenant, request_id)
+        (partial,) = [d for d in caught.value.details if isinstance(d, pb.DeprovisionResponse)]
+        assert partial.state == pb.JOB_STATE_FAILED
+        assert caught.value.reason == "SENDGRID_UNAVAILABLE"
+        done = await client.deprovision(tenant, request_id)
+    assert done.state == pb.JOB_STATE_COMPLETED
+    assert done.job_id == partial.job_id

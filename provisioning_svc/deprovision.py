@@ -322,6 +322,11 @@ class Deprovisioner:
                     job = await run(job, owner, work)
         except ServiceError as error:
             job = await self._record_failure(job, owner, step, error, deadline)
+            if job.state is JobState.COMPLETED:
+                # The last call timed out on our side but committed on the database's
+                # (PostgREST does not cancel abandoned queries): the tenant is gone.
+                log.info(kv("deprovision_completed", tenant_id=job.tenant_id, job_id=job.id))
+                return job.result()
             error.metadata.setdefault("tenant_id", job.tenant_id)
             error.metadata["job_id"] = job.id
             error.metadata["step"] = step.value

@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 from shared.auth import TokenRegistry
+from shared.errors import DeadlineExceeded
 from shared.proto_gen.provisioning.v1 import provisioning_pb2 as pb
 from tests.factories import unique_tenant
 from tests.provisioning_fixtures import (
@@ -336,3 +337,39 @@ def test_finish_refuses_unfinished_steps(sql: psycopg.Connection[Any]) -> None:
         sql.execute("SELECT deprovision_finish(%s, %s)", (job, owner))
     assert caught.value.diag.message_hint == "STEP_NOT_FINISHED"
     assert remaining_rows(sql, tenant)["tenants"] == 1
+
+
+class CommitsThenTimesOut:
+    """The real database, but one function's call times out on our side after it
+    committed on the database's (PostgREST does not cancel abandoned queries)."""
+
+    def __init__(self, real: Any, function: str) -> None:
+        self.real = real
+        self.name = real.name
+        self.function = function
+
+    async def call(self, function: str, args: Any, deadline: Any, **kwargs: Any) -> Any:
+        result = await self.real.call(function, args, deadline, **kwargs)
+        if function == self.function:
+            raise DeadlineExceeded("database call timed out", reason="DB_TIMEOUT")
+        return result
+
+    async def ping(self, deadline: Any) -> None:
+        await self.real.ping(deadline)
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_finish_that_committed_after_our_timeout_is_reported_completed(
+    database: Any, tokens: TokenRegistry, sendgrid: FakeSendGrid, tmp_path: Path, sql: Any
+) -> None:
+    flaky = CommitsThenTimesOut(database, "deprovision_finish")
+    async with provisioning_server(flaky, tokens, sendgrid, tmp_path) as provisioning:
+        tenant = unique_tenant("latecommit")
+        seed_tenant(sql, tenant, clients=2)
+        reply = await provisioning.deprovision(tenant)
+    assert reply.state == pb.JOB_STATE_COMPLETED
+    assert remaining_rows(sql, tenant) == {}
+    ((_, state, *_),) = jobs_of(sql, tenant)
+    assert state == "COMPLETED"

@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, str] = {
     "pipeline": "bench.pipeline_summary",
     "overshoot": "bench.deadline_overshoot",
     "load": "bench.load",
+    "deprovision": "bench.deprovision",
 }
 
 

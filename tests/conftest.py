@@ -48,6 +48,8 @@ TOKEN_READER = "reader-token-0123456789abcdef"
 TOKEN_LIMITED = "limited-token-0123456789abcdef"
 TOKEN_NO_SCOPE = "noscope-token-0123456789abcdef"
 LIMITED_TENANT = "limited-tenant"
+# The key the provisioning tests give the SendGrid stand-in (never to be logged).
+SENDGRID_KEY = "SG.test-key-never-to-be-logged-0123456789"
 
 
 def with_database(url: str, name: str) -> str:
@@ -198,8 +200,12 @@ def no_secrets_in_logs() -> Iterator[None]:
     yield
     root.removeHandler(collector)
     root.setLevel(previous_level)
-    secrets = [TOKEN_ADMIN, TOKEN_READER, TOKEN_LIMITED, TOKEN_NO_SCOPE, JWT_SECRET]
+    secrets = [TOKEN_ADMIN, TOKEN_READER, TOKEN_LIMITED, TOKEN_NO_SCOPE, JWT_SECRET, SENDGRID_KEY]
     secrets += [PostgrestStandin.token_for("service_role", JWT_SECRET)]
     assert collector.lines, "no log lines were captured: the scan would prove nothing"
     found = leaked(collector.lines, secrets)
     assert not found, f"credentials in the logs: {found[:3]}"
+
+
+# The provisioning service's fixtures (fake SendGrid, server, data helpers).
+pytest_plugins = ("tests.provisioning_fixtures",)

@@ -66,10 +66,6 @@ class Deadline:
             )
         return budget
 
-    def shorter(self, seconds: float) -> Deadline:
-        """This deadline, or one `seconds` from now if that comes first."""
-        return Deadline(min(self.expires_at, time.monotonic() + seconds))
-
 
 # The deadline of the inbound RPC being served (set by the status interceptor),
 # None when its caller set none. Python does not propagate deadlines, so our

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import sys
 
 from provisioning_svc.servicer import ERROR_DOMAIN, provisioning_service
-from shared.auth import TokenFile
-from shared.database.connect import open_database
-from shared.errors import ServiceError
-from shared.logs import configure_logging, kv
-from shared.metrics import serve_metrics
-from shared.server import create_server, serve
+from shared.entrypoint import main, run_service
+from shared.logs import kv
 from shared.settings import Settings
 
 log = logging.getLogger("provisioning_svc")
 
 
-async def main() -> None:
-    settings = Settings.from_env()
-    if settings.auth_tokens_file is None:
-        sys.exit("AUTH_TOKENS_FILE is not set: every call needs a caller listed there (see README)")
-    tokens = TokenFile(settings.auth_tokens_file)
+async def serve_provisioning(settings: Settings) -> None:
     if not settings.sendgrid_api_key:
         log.warning(
             kv(
@@ -34,26 +24,15 @@ async def main() -> None:
         )
     if not settings.clients_dir.is_dir():
         log.warning(kv("clients_dir_missing", clients_dir=settings.clients_dir.resolve()))
-    serve_metrics(settings.provisioning_metrics_listen)
-    db = await open_database(settings, application_name="provisioning_svc")
-    try:
-        handle = create_server(
-            settings.provisioning_listen,
-            [provisioning_service(db, settings)],
-            tokens=tokens,
-            error_domain=ERROR_DOMAIN,
-            database=db,
-            tls=settings.server_tls,
-            allow_insecure=settings.allow_insecure,
-        )
-        await serve(handle, on_hangup=tokens.reload)
-    finally:
-        await db.close()
+    await run_service(
+        "provisioning_svc",
+        settings,
+        listen=settings.provisioning_listen,
+        metrics_listen=settings.provisioning_metrics_listen,
+        error_domain=ERROR_DOMAIN,
+        services=lambda db: [provisioning_service(db, settings)],
+    )
 
 
 if __name__ == "__main__":
-    configure_logging()
-    try:
-        asyncio.run(main())
-    except ServiceError as exc:
-        sys.exit(f"provisioning_svc: {exc.message}")
+    main("provisioning_svc", serve_provisioning)

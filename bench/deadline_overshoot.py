@@ -1,7 +1,7 @@
 """Deadline overshoot: how late a blocked PipelineSummary answers, per transport,
 and whether any of its work is still running in the database afterwards.
 
-Another connection holds `LOCK TABLE quotes IN ACCESS EXCLUSIVE MODE`, so every
+Another connection holds `LOCK TABLE pipeline_stage_clients IN ACCESS EXCLUSIVE MODE`, so every
 summary waits on the lock. For each transport (direct psycopg; Supabase REST
 through the PostgREST stand-in) N calls go through a real `python -m crm_svc`
 subprocess, one at a time, with deadlines spread evenly over 50 ms..1 s
@@ -216,7 +216,7 @@ def report(results: dict[str, list[BlockedCall]], calls: int) -> None:
     print(
         f"- {calls} calls per transport, one at a time, deadlines evenly spread over"
         f" {SHORTEST_DEADLINE_S * 1000:.0f}..{LONGEST_DEADLINE_S * 1000:.0f} ms (shuffled);"
-        " `quotes` held in ACCESS EXCLUSIVE mode by another connection throughout;"
+        " `pipeline_stage_clients` (read by every summary) held in ACCESS EXCLUSIVE mode by another connection throughout;"
         " real crm_svc subprocess per transport"
     )
     print(
@@ -358,8 +358,10 @@ async def run(args: argparse.Namespace) -> None:
             }
             for transport in TRANSPORTS:
                 await sanity_call(stubs[transport.name], metadata, transport)
-            say("overshoot: both services answer; locking quotes (ACCESS EXCLUSIVE)")
-            await lock_holder.execute("LOCK TABLE quotes IN ACCESS EXCLUSIVE MODE")
+            say(
+                "overshoot: both services answer; locking pipeline_stage_clients (ACCESS EXCLUSIVE)"
+            )
+            await lock_holder.execute("LOCK TABLE pipeline_stage_clients IN ACCESS EXCLUSIVE MODE")
             try:
                 for transport in TRANSPORTS:
                     done = results.setdefault(transport.name, [])

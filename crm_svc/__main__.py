@@ -1,9 +1,21 @@
-"""`python -m crm_svc`: serve CrmService on CRM_LISTEN."""
+"""`python -m crm_svc`: serve CrmService on CRM_LISTEN.
+
+`python -m crm_svc verify [--tenant T] [--repair]`: compare the pipeline
+aggregates with a full recomputation (see crm_svc/verify.py).
+"""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import sys
+
+from crm_svc import verify
 from crm_svc.servicer import ERROR_DOMAIN, crm_service
+from shared.database.connect import open_database
 from shared.entrypoint import main, run_service
+from shared.errors import ServiceError
+from shared.logs import configure_logging
 from shared.settings import Settings
 
 
@@ -18,5 +30,41 @@ async def serve_crm(settings: Settings) -> None:
     )
 
 
+async def verify_main(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    db = await open_database(settings, application_name="crm_svc_verify")
+    try:
+        return await verify.verify(
+            db,
+            tenant_id=args.tenant,
+            repair=args.repair,
+            timeout_s=args.timeout_s,
+            emit=lambda line: print(line, flush=True),
+        )
+    finally:
+        await db.close()
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m crm_svc", description="The CRM service.")
+    commands = parser.add_subparsers(dest="command")
+    verify.add_arguments(
+        commands.add_parser(
+            "verify",
+            help="compare the pipeline aggregates with a full recomputation",
+            description="Compare the pipeline aggregates with a full recomputation, tenant by"
+            " tenant. Exit status: 0 no drift, 1 drift found (repaired or not), 2 error.",
+        )
+    )
+    return parser.parse_args(argv)
+
+
 if __name__ == "__main__":
+    arguments = parse_args(sys.argv[1:])
+    if arguments.command == "verify":
+        configure_logging()
+        try:
+            sys.exit(asyncio.run(verify_main(arguments)))
+        except ServiceError as exc:
+            sys.exit(f"crm_svc verify: {exc.message}")
     main("crm_svc", serve_crm)

@@ -53,12 +53,12 @@ async def test_exhausted_budget_never_touches_the_database(database: Database) -
 
 @pytest_asyncio.fixture
 async def blocked_tenant(database_url: str) -> AsyncIterator[str]:
-    """A tenant whose summary blocks: another connection holds a lock on quotes."""
+    """A tenant whose summary blocks: another connection holds a lock on a table it reads."""
     tenant = unique_tenant("blocked")
     with psycopg.connect(database_url, autocommit=True) as conn:
         create_tenant(conn, tenant)
     holder = await psycopg.AsyncConnection.connect(database_url, application_name="lock_holder")
-    await holder.execute("LOCK TABLE quotes IN ACCESS EXCLUSIVE MODE")
+    await holder.execute("LOCK TABLE pipeline_stage_clients IN ACCESS EXCLUSIVE MODE")
     try:
         yield tenant
     finally:

@@ -194,7 +194,7 @@ async def test_dry_run_of_a_tenant_without_subuser_or_directory(
     provisioning: Provisioning, sql: psycopg.Connection[Any]
 ) -> None:
     tenant = unique_tenant("drybare")
-    seed_tenant(sql, tenant, clients=0)
+    expected = seed_tenant(sql, tenant, clients=0)
     reply = await provisioning.deprovision(tenant, validate_only=True)
     assert outcomes(reply) == {
         pb.STEP_MARK_TENANT: pb.STEP_OUTCOME_WOULD_DELETE,
@@ -203,14 +203,8 @@ async def test_dry_run_of_a_tenant_without_subuser_or_directory(
         pb.STEP_CONFIG_DIRECTORY: pb.STEP_OUTCOME_ALREADY_ABSENT,
         pb.STEP_TENANT_RECORD: pb.STEP_OUTCOME_WOULD_DELETE,
     }
-    assert dict(step(reply, pb.STEP_TENANT_DATA).rows) == {
-        "activities": 0,
-        "clients": 0,
-        "invoices": 0,
-        "notifications": 0,
-        "quotes": 0,
-        "tenant_settings": 1,
-    }
+    assert dict(step(reply, pb.STEP_TENANT_DATA).rows) == expected
+    assert {table for table, rows in expected.items() if rows} == {"tenant_settings"}
 
 
 async def test_unknown_tenant_is_not_found_unless_allow_missing(

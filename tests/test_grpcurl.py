@@ -180,7 +180,8 @@ async def test_readme_deprovision_commands_dry_run_then_real(
         assert plan["state"] == "JOB_STATE_VALIDATED"
         steps = {s["step"]: s for s in plan["steps"]}
         assert steps["STEP_TENANT_DATA"]["outcome"] == "STEP_OUTCOME_WOULD_DELETE"
-        # The seed's initech-voyages: 2 clients, 2 quotes, an activity per client.
+        # The seed's initech-voyages: 2 clients, 2 quotes, an activity per client;
+        # their pipeline aggregates: 2 emails, in 2 stages, each with a GBP value.
         assert steps["STEP_TENANT_DATA"]["rows"] == {
             "activities": "2",
             "clients": "2",
@@ -188,6 +189,11 @@ async def test_readme_deprovision_commands_dry_run_then_real(
             "notifications": "1",
             "quotes": "2",
             "tenant_settings": "1",
+            "pipeline_emails": "2",
+            "pipeline_email_clients": "2",
+            "pipeline_email_quotes": "2",
+            "pipeline_stage_clients": "2",
+            "pipeline_stage_values": "2",
         }
         assert (provisioning.clients_dir / "initech-voyages").is_dir()
 

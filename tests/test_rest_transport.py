@@ -148,7 +148,7 @@ async def test_standin_like_postgrest_does_not_cancel_abandoned_queries(
     tenant = unique_tenant()
     create_tenant(sql, tenant)
     holder = await psycopg.AsyncConnection.connect(database_url)
-    await holder.execute("LOCK TABLE quotes IN ACCESS EXCLUSIVE MODE")
+    await holder.execute("LOCK TABLE pipeline_stage_clients IN ACCESS EXCLUSIVE MODE")
     try:
         key = standin.token("service_role")
         async with httpx.AsyncClient(timeout=0.2) as client:
@@ -175,7 +175,7 @@ async def test_budget_header_bounds_the_query_even_when_postgrest_would_not(
     tenant = unique_tenant()
     create_tenant(sql, tenant)
     holder = await psycopg.AsyncConnection.connect(database_url)
-    await holder.execute("LOCK TABLE quotes IN ACCESS EXCLUSIVE MODE")
+    await holder.execute("LOCK TABLE pipeline_stage_clients IN ACCESS EXCLUSIVE MODE")
     try:
         started = time.monotonic()
         with pytest.raises(DeadlineExceeded):

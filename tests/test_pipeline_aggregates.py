@@ -1,0 +1,297 @@
+"""The pipeline aggregates (migration 0006): semantics at the edges, the
+deprovisioning rule, rebuilds, and the `python -m crm_svc verify` command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import errors
+
+from crm_svc import verify
+from shared.database.postgres import PostgresDatabase
+from tests.aggregates import AGGREGATE_TABLES, aggregate_rows, assert_exact, summaries
+from tests.factories import add_clients, add_quotes, create_tenant, unique_tenant
+
+
+def stage(document: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(s for s in document["stages"] if s["stage"] == name)
+
+
+@pytest.fixture
+def tenant(sql: psycopg.Connection[Any]) -> str:
+    tenant_id = unique_tenant("aggs")
+    create_tenant(sql, tenant_id)
+    return tenant_id
+
+
+def test_all_null_prices_give_no_entry_but_prices_summing_to_zero_do(
+    sql: psycopg.Connection[Any], tenant: str
+) -> None:
+    add_clients(sql, tenant, [("a@x.io", "QUOTED")])
+    add_quotes(
+        sql,
+        tenant,
+        [
+            ("a@x.io", None, "USD"),
+            ("a@x.io", Decimal("10.00"), "EUR"),
+            ("a@x.io", Decimal("-10.00"), "EUR"),
+        ],
+    )
+    aggregated, _ = summaries(sql, tenant)
+    assert stage(aggregated, "QUOTED")["value"] == [{"currency": "EUR", "amount": "0.00"}]
+    assert aggregated["open_value"] == [{"currency": "EUR", "amount": "0.00"}]
+    assert_exact(sql, tenant)
+
+
+def test_case_and_spaces_match_but_a_tab_does_not(
+    sql: psycopg.Connection[Any], tenant: str
+) -> None:
+    add_clients(sql, tenant, [("  Pat@X.io ", "BOOKED"), ("pat@x.io\t", "LOST"), ("   ", "LOST")])
+    add_quotes(sql, tenant, [("PAT@x.IO", Decimal("12.34"), "EUR"), ("  ", Decimal("1.00"), "EUR")])
+    aggregated, _ = summaries(sql, tenant)
+    assert stage(aggregated, "BOOKED")["value"] == [{"currency": "EUR", "amount": "12.34"}]
+    assert stage(aggregated, "LOST") == {
+        "stage": "LOST",
+        "open": False,
+        "client_count": 2,
+        "value": [],
+    }
+    assert_exact(sql, tenant)
+
+
+def test_updates_of_price_currency_email_and_stage(
+    sql: psycopg.Connection[Any], tenant: str
+) -> None:
+    (client,) = add_clients(sql, tenant, [("kim@x.io", "QUOTED")])
+    add_quotes(sql, tenant, [("kim@x.io", Decimal("50.00"), "EUR")])
+    changes = [
+        "UPDATE quotes SET total_price = NULL WHERE tenant_id = %(t)s",
+        "UPDATE quotes SET total_price = 60.00 WHERE tenant_id = %(t)s",
+        "UPDATE quotes SET currency = 'JPY' WHERE tenant_id = %(t)s",
+        "UPDATE quotes SET customer_email = ' KIM@X.IO ' WHERE tenant_id = %(t)s",
+        "UPDATE clients SET pipeline_stage = 'TRAVELLED' WHERE tenant_id = %(t)s",
+        "UPDATE clients SET email = 'other@x.io' WHERE tenant_id = %(t)s",
+        "UPDATE clients SET email = 'Kim@x.io' WHERE tenant_id = %(t)s",
+        "UPDATE clients SET name = 'Kim' WHERE tenant_id = %(t)s",
+    ]
+    for change in changes:
+        sql.execute(change, {"t": tenant})
+        assert_exact(sql, tenant)
+    aggregated, _ = summaries(sql, tenant)
+    assert stage(aggregated, "TRAVELLED")["value"] == [{"currency": "JPY", "amount": "60.00"}]
+    assert aggregated["open_value"] == []
+    sql.execute("DELETE FROM clients WHERE tenant_id = %s AND id = %s", (tenant, client))
+    sql.execute("DELETE FROM quotes WHERE tenant_id = %s", (tenant,))
+    assert_exact(sql, tenant)
+    # Nothing left behind: rows at zero are deleted.
+    assert all(rows == [] for rows in aggregate_rows(sql, tenant).values())
+
+
+def test_the_summary_reads_no_client_or_quote_row(
+    database_url: str, sql: psycopg.Connection[Any], tenant: str
+) -> None:
+    """O(stages x currencies) whatever the tenant's size: with clients and quotes
+    locked against any access, the summary still answers."""
+    add_clients(sql, tenant, [("a@x.io", "PAID")])
+    add_quotes(sql, tenant, [("a@x.io", Decimal("1.00"), "EUR")])
+    with psycopg.connect(database_url) as holder:
+        holder.execute("LOCK TABLE clients, quotes IN ACCESS EXCLUSIVE MODE")
+        sql.execute("SET lock_timeout = '2s'")
+        try:
+            row = sql.execute("SELECT pipeline_summary(%s)", (tenant,)).fetchone()
+        finally:
+            sql.execute("RESET lock_timeout")
+        holder.rollback()
+    assert row is not None
+    assert stage(row[0], "PAID")["value"] == [{"currency": "EUR", "amount": "1.00"}]
+
+
+def test_a_writing_transaction_sees_its_changes_once_committed(
+    sql: psycopg.Connection[Any], tenant: str
+) -> None:
+    """The aggregates are applied at commit: inside the writing transaction the
+    summary does not count its own rows yet (documented in the migration)."""
+    with sql.transaction():
+        add_clients(sql, tenant, [("a@x.io", "QUOTED")])
+        inside, recomputed = summaries(sql, tenant)
+        assert inside["total_clients"] == 0
+        assert recomputed["total_clients"] == 1
+    assert_exact(sql, tenant)
+
+
+def test_both_summaries_keep_the_error_contract(sql: psycopg.Connection[Any]) -> None:
+    for function in ("pipeline_summary", "pipeline_summary_recompute"):
+        with pytest.raises(errors.NoDataFound) as missing:
+            sql.execute(f"SELECT {function}('no-such-tenant')")
+        assert missing.value.diag.message_hint == "TENANT_NOT_FOUND"
+    leaving = unique_tenant("leaving")
+    create_tenant(sql, leaving, status="deprovisioning")
+    for function in ("pipeline_summary", "pipeline_summary_recompute"):
+        with pytest.raises(errors.ObjectNotInPrerequisiteState) as caught:
+            sql.execute(f"SELECT {function}(%s)", (leaving,))
+        assert caught.value.diag.message_hint == "TENANT_DEPROVISIONING"
+
+
+def tenant_tables(sql: psycopg.Connection[Any]) -> set[str]:
+    """What deprovisioning deletes: the public tables with a tenant_id column."""
+    return {
+        row[0]
+        for row in sql.execute(
+            "SELECT c.relname FROM pg_class c"
+            " JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'tenant_id'"
+            " WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r'"
+        )
+    }
+
+
+def test_a_tenant_being_deprovisioned_is_not_maintained_and_can_be_removed(
+    sql: psycopg.Connection[Any], tenant: str
+) -> None:
+    add_clients(sql, tenant, [("a@x.io", "QUOTED"), ("b@x.io", "PAID"), (None, "LOST")])
+    add_quotes(
+        sql, tenant, [("a@x.io", Decimal("3.00"), "EUR"), ("b@x.io", Decimal("4.00"), "USD")]
+    )
+    sql.execute("UPDATE tenants SET status = 'deprovisioning' WHERE id = %s", (tenant,))
+    before = aggregate_rows(sql, tenant)
+    assert before["pipeline_stage_values"] != []
+    sql.execute("DELETE FROM quotes WHERE tenant_id = %s", (tenant,))
+    sql.execute("DELETE FROM clients WHERE tenant_id = %s", (tenant,))
+    add_clients(sql, tenant, [("late@x.io", "QUOTED")])  # written despite the mark
+    assert aggregate_rows(sql, tenant) == before
+    # Every aggregate table is tenant data for deprovisioning; the work tables are not.
+    assert set(AGGREGATE_TABLES) <= tenant_tables(sql)
+    assert "pipeline_apply_queue" not in tenant_tables(sql)
+    sql.execute("DELETE FROM clients WHERE tenant_id = %s", (tenant,))
+    for table in (*AGGREGATE_TABLES, "tenant_settings"):
+        sql.execute(f"DELETE FROM {table} WHERE tenant_id = %s", (tenant,))
+    sql.execute("DELETE FROM tenants WHERE id = %s", (tenant,))
+    assert sql.execute("SELECT count(*) FROM tenants WHERE id = %s", (tenant,)).fetchone() == (0,)
+
+
+def test_a_tenant_active_again_is_rebuilt(sql: psycopg.Connection[Any], tenant: str) -> None:
+    add_clients(sql, tenant, [("a@x.io", "QUOTED")])
+    add_quotes(sql, tenant, [("a@x.io", Decimal("3.00"), "EUR")])
+    sql.execute("UPDATE tenants SET status = 'deprovisioning' WHERE id = %s", (tenant,))
+    add_clients(sql, tenant, [("A@x.io", "BOOKED")])
+    add_quotes(sql, tenant, [("a@x.io", Decimal("1.50"), "EUR")])
+    sql.execute("UPDATE tenants SET status = 'active' WHERE id = %s", (tenant,))
+    assert_exact(sql, tenant)
+    aggregated, _ = summaries(sql, tenant)
+    assert stage(aggregated, "BOOKED")["value"] == [{"currency": "EUR", "amount": "4.50"}]
+
+
+def test_rebuild_of_one_tenant(sql: psycopg.Connection[Any], tenant: str) -> None:
+    other = unique_tenant("aggs")
+    create_tenant(sql, other)
+    for t in (tenant, other):
+        add_clients(sql, t, [("a@x.io", "NEGOTIATING")])
+        add_quotes(sql, t, [("a@x.io", Decimal("8.00"), "EUR")])
+    others_rows = aggregate_rows(sql, other)
+    sql.execute("DELETE FROM pipeline_stage_values WHERE tenant_id = %s", (tenant,))
+    sql.execute("UPDATE pipeline_stage_clients SET clients = 42 WHERE tenant_id = %s", (tenant,))
+    assert sql.execute("SELECT pipeline_aggregates_rebuild(%s)", (tenant,)).fetchone() == (1,)
+    assert_exact(sql, tenant)
+    assert aggregate_rows(sql, other) == others_rows
+
+
+def drift_tenant(sql: psycopg.Connection[Any]) -> str:
+    """A tenant whose aggregates say one client too many in QUOTED."""
+    tenant_id = unique_tenant("drift")
+    create_tenant(sql, tenant_id)
+    add_clients(sql, tenant_id, [("a@x.io", "QUOTED")])
+    add_quotes(sql, tenant_id, [("a@x.io", Decimal("2.00"), "EUR")])
+    sql.execute(
+        "UPDATE pipeline_stage_clients SET clients = clients + 1"
+        " WHERE tenant_id = %s AND stage = 'QUOTED'",
+        (tenant_id,),
+    )
+    return tenant_id
+
+
+async def test_verify_reports_ok_drift_repair_and_skips(
+    database: PostgresDatabase, sql: psycopg.Connection[Any], tenant: str
+) -> None:
+    add_clients(sql, tenant, [("a@x.io", "QUOTED")])
+    lines: list[str] = []
+    assert (
+        await verify.verify(
+            database, tenant_id=tenant, repair=False, timeout_s=30, emit=lines.append
+        )
+        == verify.EXIT_OK
+    )
+    assert lines[0] == f"{tenant}: ok"
+
+    drifting = drift_tenant(sql)
+    lines.clear()
+    assert (
+        await verify.verify(
+            database, tenant_id=drifting, repair=False, timeout_s=30, emit=lines.append
+        )
+        == verify.EXIT_DRIFT
+    )
+    assert lines[:4] == [
+        f"{drifting}: DRIFT",
+        "  QUOTED clients: aggregates 2, recomputed 1",
+        "  total clients: aggregates 2, recomputed 1",
+        "  aggregate rows differing from a recomputation: pipeline_stage_clients 1",
+    ]
+
+    lines.clear()
+    assert (
+        await verify.verify(
+            database, tenant_id=drifting, repair=True, timeout_s=30, emit=lines.append
+        )
+        == verify.EXIT_DRIFT
+    )
+    assert "  repaired: ok" in lines
+    assert_exact(sql, drifting)
+
+    sql.execute("UPDATE tenants SET status = 'deprovisioning' WHERE id = %s", (tenant,))
+    lines.clear()
+    assert (
+        await verify.verify(
+            database, tenant_id=tenant, repair=False, timeout_s=30, emit=lines.append
+        )
+        == verify.EXIT_OK
+    )
+    assert "skipped" in lines[0]
+
+    lines.clear()
+    assert (
+        await verify.verify(
+            database, tenant_id="no-such-tenant", repair=False, timeout_s=30, emit=lines.append
+        )
+        == verify.EXIT_ERROR
+    )
+    assert "TENANT_NOT_FOUND" in lines[0]
+
+
+def run_verify_command(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "crm_svc", "verify", *args],
+        env={**os.environ, "DATABASE_URL": database_url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_verify_command_exit_status(database_url: str, sql: psycopg.Connection[Any]) -> None:
+    drifting = drift_tenant(sql)
+    found = run_verify_command(database_url)
+    assert found.returncode == verify.EXIT_DRIFT, found.stdout + found.stderr
+    assert f"{drifting}: DRIFT" in found.stdout
+    repaired = run_verify_command(database_url, "--tenant", drifting, "--repair")
+    assert repaired.returncode == verify.EXIT_DRIFT
+    assert "  repaired: ok" in repaired.stdout
+    clean = run_verify_command(database_url, "--tenant", drifting)
+    assert clean.returncode == verify.EXIT_OK, clean.stdout
+    assert clean.stdout.splitlines()[0] == f"{drifting}: ok"
+    bad = run_verify_command(database_url, "--tenant", "Not A Tenant")
+    assert bad.returncode == verify.EXIT_ERROR

@@ -173,6 +173,7 @@ DECLARE
     v_live text[];
     v_skipped text[];
     v_queue tid;
+    v_setting text;
 BEGIN
     -- A trigger has only the transition tables of its own event.
     IF TG_OP = 'INSERT' THEN
@@ -232,7 +233,7 @@ BEGIN
     IF FOUND AND current_setting('crm_pipeline.apply_queued', true) IS DISTINCT FROM 'on' THEN
         INSERT INTO pipeline_apply_queue (queued) VALUES (true) RETURNING ctid INTO v_queue;
         DELETE FROM pipeline_apply_queue WHERE ctid = v_queue;
-        PERFORM set_config('crm_pipeline.apply_queued', 'on', true);
+        v_setting := set_config('crm_pipeline.apply_queued', 'on', true);
     END IF;
     RETURN NULL;
 END
@@ -246,6 +247,7 @@ DECLARE
     v_live text[];
     v_skipped text[];
     v_queue tid;
+    v_setting text;
 BEGIN
     IF TG_OP = 'INSERT' THEN
         SELECT coalesce(array_agg(id) FILTER (WHERE status <> 'deprovisioning'), '{}'),
@@ -310,7 +312,7 @@ BEGIN
     IF FOUND AND current_setting('crm_pipeline.apply_queued', true) IS DISTINCT FROM 'on' THEN
         INSERT INTO pipeline_apply_queue (queued) VALUES (true) RETURNING ctid INTO v_queue;
         DELETE FROM pipeline_apply_queue WHERE ctid = v_queue;
-        PERFORM set_config('crm_pipeline.apply_queued', 'on', true);
+        v_setting := set_config('crm_pipeline.apply_queued', 'on', true);
     END IF;
     RETURN NULL;
 END
@@ -358,9 +360,10 @@ DECLARE
     v_quotes boolean;
     v_negative boolean;
     v_size text;
+    v_setting text;
 BEGIN
     -- A statement after an early apply (SET CONSTRAINTS ... IMMEDIATE) queues another.
-    PERFORM set_config('crm_pipeline.apply_queued', 'off', true);
+    v_setting := set_config('crm_pipeline.apply_queued', 'off', true);
 
     SELECT coalesce(array_agg(DISTINCT tenant), '{}'), count(*),
            coalesce(bool_or(stage IS NOT NULL), false),
@@ -392,7 +395,7 @@ BEGIN
     v_size := CASE WHEN v_rows > 1000 THEN 'bulk' ELSE 'small' END;
     IF v_size IS DISTINCT FROM current_setting('crm_pipeline.planned_for', true) THEN
         ANALYZE pg_temp.pipeline_pending;
-        PERFORM set_config('crm_pipeline.planned_for', v_size, false);
+        v_setting := set_config('crm_pipeline.planned_for', v_size, false);
     END IF;
 
     IF v_emails THEN
@@ -436,43 +439,51 @@ BEGIN
             SET amount = v.amount + excluded.amount,
                 matches = v.matches + excluded.matches;
 
+        -- n(e, s) and q(e, c), k(e, c): MERGE inserts, updates or deletes (at
+        -- zero) in one statement. It cannot meet a concurrent insert of the same
+        -- key (it has no ON CONFLICT): these rows change only under their email's
+        -- lock, held since the first statement above.
         IF v_clients THEN
-            INSERT INTO pipeline_email_clients AS c (tenant_id, email_key, stage, clients)
-            SELECT tenant, email_key, stage, sum(clients)
-            FROM pg_temp.pipeline_pending
-            WHERE stage IS NOT NULL AND email_key IS NOT NULL
-            GROUP BY 1, 2, 3
-            HAVING sum(clients) <> 0
-            ORDER BY 1, 2, 3
-            ON CONFLICT (tenant_id, email_key, stage) DO UPDATE
-                SET clients = c.clients + excluded.clients;
+            MERGE INTO pipeline_email_clients AS c
+            USING (
+                SELECT tenant, email_key, stage, sum(clients) AS clients
+                FROM pg_temp.pipeline_pending
+                WHERE stage IS NOT NULL AND email_key IS NOT NULL
+                GROUP BY 1, 2, 3
+                HAVING sum(clients) <> 0
+            ) AS d
+            ON c.tenant_id = d.tenant AND c.email_key = d.email_key AND c.stage = d.stage
+            WHEN MATCHED AND c.clients + d.clients = 0 THEN DELETE
+            WHEN MATCHED THEN UPDATE SET clients = c.clients + d.clients
+            WHEN NOT MATCHED THEN
+                INSERT (tenant_id, email_key, stage, clients)
+                VALUES (d.tenant, d.email_key, d.stage, d.clients);
         END IF;
 
         IF v_quotes THEN
-            INSERT INTO pipeline_email_quotes AS q (tenant_id, email_key, currency, amount, priced_quotes)
-            SELECT tenant, email_key, currency, sum(amount), sum(priced_quotes)
-            FROM pg_temp.pipeline_pending
-            WHERE currency IS NOT NULL
-            GROUP BY 1, 2, 3
-            HAVING sum(priced_quotes) <> 0 OR sum(amount) <> 0
-            ORDER BY 1, 2, 3
-            ON CONFLICT (tenant_id, email_key, currency) DO UPDATE
-                SET amount = q.amount + excluded.amount,
-                    priced_quotes = q.priced_quotes + excluded.priced_quotes;
+            MERGE INTO pipeline_email_quotes AS q
+            USING (
+                SELECT tenant, email_key, currency,
+                       sum(amount) AS amount, sum(priced_quotes) AS priced_quotes
+                FROM pg_temp.pipeline_pending
+                WHERE currency IS NOT NULL
+                GROUP BY 1, 2, 3
+                HAVING sum(priced_quotes) <> 0 OR sum(amount) <> 0
+            ) AS d
+            ON q.tenant_id = d.tenant AND q.email_key = d.email_key AND q.currency = d.currency
+            WHEN MATCHED AND q.priced_quotes + d.priced_quotes = 0 THEN DELETE
+            WHEN MATCHED THEN
+                UPDATE SET amount = q.amount + d.amount,
+                           priced_quotes = q.priced_quotes + d.priced_quotes
+            WHEN NOT MATCHED THEN
+                INSERT (tenant_id, email_key, currency, amount, priced_quotes)
+                VALUES (d.tenant, d.email_key, d.currency, d.amount, d.priced_quotes);
         END IF;
 
         IF v_negative THEN
             -- Only rows this transaction updated can be at zero.
             DELETE FROM pipeline_stage_values v
             WHERE v.matches = 0 AND v.tenant_id = ANY (v_live);
-            DELETE FROM pipeline_email_clients c
-            USING pg_temp.pipeline_pending d
-            WHERE c.clients = 0
-              AND c.tenant_id = d.tenant AND c.email_key = d.email_key AND c.stage = d.stage;
-            DELETE FROM pipeline_email_quotes q
-            USING pg_temp.pipeline_pending d
-            WHERE q.priced_quotes = 0
-              AND q.tenant_id = d.tenant AND q.email_key = d.email_key AND q.currency = d.currency;
             DELETE FROM pipeline_emails e
             USING pg_temp.pipeline_pending d
             WHERE e.clients = 0 AND e.priced_quotes = 0
@@ -501,7 +512,7 @@ BEGIN
     -- table (and the plans above then need fresh statistics).
     IF pg_relation_size('pg_temp.pipeline_pending') > 65536 THEN
         TRUNCATE pg_temp.pipeline_pending;
-        PERFORM set_config('crm_pipeline.planned_for', '', false);
+        v_setting := set_config('crm_pipeline.planned_for', '', false);
     ELSE
         DELETE FROM pg_temp.pipeline_pending;
     END IF;

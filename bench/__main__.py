@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, str] = {
     "overshoot": "bench.deadline_overshoot",
     "load": "bench.load",
     "deprovision": "bench.deprovision",
+    "writes": "bench.pipeline_writes",
 }
 
 

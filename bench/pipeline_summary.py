@@ -3,12 +3,15 @@
 For one tenant of 1k, 100k and 1M clients (two quotes per client; a 200k-client
 noise tenant and the other sizes share the tables), measured in one run:
 
-- `sql` (the floor): `SELECT pipeline_summary(tenant)` with psycopg;
+- `sql` (the floor): `SELECT pipeline_summary(tenant)` with psycopg; it reads
+  the trigger-maintained aggregates (issue 6);
 - `grpc`: `crm.v1.CrmService/PipelineSummary` against a real `python -m crm_svc`
   subprocess (auth, deadline, pool, transaction, proto conversion included);
 - `grpc_rest`: the same against a second `crm_svc` on the Supabase REST
   transport, talking to the PostgREST-protocol stand-in (a thread of this
   process; PostgREST itself cannot be installed here);
+- `recompute`: `SELECT pipeline_summary_recompute(tenant)`, the full scan the
+  aggregates replace (what `pipeline_summary` was before issue 6);
 - `naive`: what the service replaces: fetch the tenant's clients and quotes
   with psycopg and aggregate in Python (design §6 semantics, Decimal).
 
@@ -90,6 +93,10 @@ ALL_TENANTS = (*MEASURED, NOISE)
 
 # The method every other one is compared with.
 FLOOR_METHOD = "sql"
+# Issue 6 targets: the summary's median at the largest size within this factor
+# of the smallest's, and at least this many times faster than the naive way.
+SIZE_TARGET = 2.0
+NAIVE_TARGET = 100.0
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
@@ -436,6 +443,12 @@ class Contenders:
                 self.grpc_rest,
                 summary_from_response,
             ),
+            Method(
+                "recompute",
+                "SQL `pipeline_summary_recompute` (full scan)",
+                self.recompute,
+                summary_from_document,
+            ),
             Method("naive", "naive: fetch rows, sum in Python", self.naive, _same),
         ]
 
@@ -461,6 +474,13 @@ class Contenders:
 
     async def grpc_rest(self, tenant_id: str) -> crm_pb2.PipelineSummaryResponse:
         return await self._rpc(self.rest_stub, tenant_id)
+
+    async def recompute(self, tenant_id: str) -> dict[str, Any]:
+        cursor = await self.sql_conn.execute("SELECT pipeline_summary_recompute(%s)", (tenant_id,))
+        row = await cursor.fetchone()
+        assert row is not None
+        document: dict[str, Any] = row[0]
+        return document
 
     async def naive(self, tenant_id: str) -> Summary:
         return await naive_summary(self.naive_conn, tenant_id)
@@ -572,7 +592,9 @@ def report(
             )
     command = shlex.join([os.path.relpath(sys.executable), "-m", "bench", *sys.argv[1:]])
     print()
-    print("## PipelineSummary: one tenant, end to end vs the SQL floor vs naive Python")
+    print(
+        "## PipelineSummary: one tenant, end to end vs the SQL floor vs the full scan vs naive Python"
+    )
     print()
     print(f"- command: `{command}`")
     print(
@@ -606,6 +628,44 @@ def report(
     if failures:
         print()
         print("Failed calls (not in the timings): " + "; ".join(failures))
+    print()
+    print_targets(methods, measurements)
+
+
+def print_targets(methods: Sequence[Method], measurements: Sequence[Measurement]) -> None:
+    """Issue 6's targets, from the medians above (needs the smallest and the
+    largest size measured in this run)."""
+    labels = {method.name: method.label for method in methods}
+    by_size = sorted(
+        (m for m in measurements if all(m.samples[name] for name in labels)),
+        key=lambda m: m.tenant.clients,
+    )
+    if len(by_size) < 2:
+        return
+    small, large = by_size[0], by_size[-1]
+
+    def median(m: Measurement, name: str) -> float:
+        return Stats.of(m.samples[name]).median_s
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    print(f"Targets ({small.tenant.clients:,} vs {large.tenant.clients:,} clients, medians):")
+    print()
+    for name in ("sql", "grpc"):
+        ratio = median(large, name) / median(small, name)
+        print(
+            f"- {labels[name]}: {large.tenant.label} / {small.tenant.label} ="
+            f" {ratio:.2f}x (target <= {SIZE_TARGET:g}x): {verdict(ratio <= SIZE_TARGET)}"
+        )
+    for name in ("sql", "grpc"):
+        speedup = median(large, "naive") / median(large, name)
+        print(
+            f"- naive / {labels[name]} at {large.tenant.label}: {speedup:,.0f}x"
+            f" (target >= {NAIVE_TARGET:g}x): {verdict(speedup >= NAIVE_TARGET)}"
+        )
+    speedup = median(large, "recompute") / median(large, "sql")
+    print(f"- the full scan / the aggregates at {large.tenant.label}: {speedup:,.0f}x")
     print()
 
 

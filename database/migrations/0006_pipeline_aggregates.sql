@@ -21,8 +21,9 @@
 --      taken, and a bulk statement costs one grouped insert.
 --   2. At commit, a deferred constraint trigger applies the transaction's deltas
 --      (pipeline_apply_pending) taking locks in one fixed order: the tenant lock
---      (shared), then emails, stage values, email clients, email quotes, stage
---      clients, each in key order. Aggregate locks are only taken while committing,
+--      (shared), then emails, stage values and stage clients, each in key order
+--      (the email clients and email quotes rows change under their email's lock,
+--      so nobody else can hold them). Aggregate locks are only taken while committing,
 --      always in that order, and a committing transaction waits for nothing else:
 --      writers cannot deadlock on the aggregates however their statements
 --      interleave, and the hot rows (a tenant's stage counts) are held only for
@@ -46,16 +47,16 @@
 -- change and a rebuild hold it exclusively. So a status change waits for
 -- in-flight commits, and later commits see the new status.
 --
--- Backfill: this migration locks clients and quotes in SHARE ROW EXCLUSIVE mode
--- (CREATE TRIGGER needs that lock anyway) and fills the aggregates in the same
--- transaction. Reads, including pipeline_summary, continue; writes wait for the
+-- Backfill: this migration locks tenants, clients and quotes in SHARE ROW
+-- EXCLUSIVE mode, up front and in that order (CREATE TRIGGER needs that lock on
+-- each of them anyway), and fills the aggregates in the same transaction. Reads, including pipeline_summary, continue; writes wait for the
 -- backfill (seconds at a million clients) and then go through the triggers, so
 -- no write is counted twice or missed. The lock_timeout makes the migration give
 -- up, rather than stall every writer behind it, if a long transaction holds the
 -- tables; run it again later.
 
 SET LOCAL lock_timeout = '10s';
-LOCK TABLE clients, quotes IN SHARE ROW EXCLUSIVE MODE;
+LOCK TABLE tenants, clients, quotes IN SHARE ROW EXCLUSIVE MODE;
 
 CREATE FUNCTION pipeline_email_key(p_email text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
@@ -341,11 +342,12 @@ CREATE TRIGGER pipeline_track_delete AFTER DELETE ON quotes
 
 
 -- 2. At commit: apply the transaction's deltas, taking locks in one fixed
--- order: tenant locks (shared, by key), emails, stage values, email clients,
--- email quotes, stage clients, each by key (a sorted INSERT ... ON CONFLICT
--- locks its rows in that order). Each step is its own statement: under READ
--- COMMITTED each one sees what the transactions it waited for committed.
--- Rows only reach zero through a negative delta: only then are they deleted.
+-- order: tenant locks (shared, by key), emails, stage values, stage clients,
+-- each by key (a sorted INSERT ... ON CONFLICT locks its rows in that order;
+-- the email clients and quotes rows in between are covered by the email locks).
+-- Each step is its own statement: under READ COMMITTED each one sees what the
+-- transactions it waited for committed. Rows only reach zero through a
+-- negative delta: only then are they deleted.
 
 CREATE FUNCTION pipeline_apply_pending() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
@@ -669,11 +671,15 @@ CREATE TRIGGER pipeline_tenant_status_changed AFTER UPDATE OF status ON tenants
 
 -- 5. The summaries. pipeline_summary keeps its contract (and its grants: it is
 -- replaced, not recreated) but reads the aggregates; the full scan of 0002
--- stays, unchanged, as pipeline_summary_recompute.
+-- stays as pipeline_summary_recompute.
 
+-- The body is 0002's, unchanged. No nested loops: for a tenant loaded since
+-- the last ANALYZE the planner would join its clients and quote sums with one
+-- and take minutes instead of seconds (pipeline_verify calls this).
 CREATE FUNCTION pipeline_summary_recompute(p_tenant_id text) RETURNS jsonb
 LANGUAGE plpgsql STABLE
 SET search_path = public, pg_temp
+SET enable_nestloop = off
 AS $$
 DECLARE
     v_status text;
@@ -821,9 +827,13 @@ AS $$
     FROM tenants
 $$;
 
+-- It reads whole tenants: a nested loop never helps, and when statistics do
+-- not know a tenant yet (loaded since the last ANALYZE) the planner would pick
+-- one between two large aggregates, which goes quadratic.
 CREATE FUNCTION pipeline_verify(p_tenant_id text) RETURNS jsonb
 LANGUAGE plpgsql STABLE
 SET search_path = public, pg_temp
+SET enable_nestloop = off
 AS $$
 DECLARE
     v_status text;
@@ -903,8 +913,8 @@ END
 $$;
 
 
--- 7. Backfill (under the lock taken at the top).
-SELECT pipeline_aggregates_rebuild(NULL);
+-- 7. Backfill (under the lock taken at the top). DO: yoyo prints a SELECT's rows.
+DO $$ BEGIN PERFORM pipeline_aggregates_rebuild(NULL); END $$;
 
 -- 8. As for every table (0005): row-level security with no policy, so only the
 -- backend role (which bypasses it) and the owner see aggregate rows.

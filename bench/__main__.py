@@ -24,6 +24,9 @@ warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
 # name -> module; later issues add theirs here.
 BENCHMARKS: dict[str, str] = {
     "pipeline": "bench.pipeline_summary",
+    "overshoot": "bench.deadline_overshoot",
+    "load": "bench.load",
+    "deprovision": "bench.deprovision",
     "writes": "bench.pipeline_writes",
 }
 

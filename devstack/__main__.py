@@ -11,13 +11,14 @@ import os
 import secrets
 import signal
 import sys
+import uuid
 from pathlib import Path
 
 import grpc
 import psycopg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from devstack.examples import crm_examples, render
+from devstack.examples import crm_examples, provisioning_examples, render
 from shared.auth import SCOPE_PIPELINE_READ, SCOPE_TENANTS_DELETE, token_sha256
 from shared.database.embedded import start_embedded
 from shared.database.migrations import SEED_FILE, apply_migrations
@@ -81,10 +82,16 @@ async def main() -> int:
         "DATABASE_URL": url,
         "AUTH_TOKENS_FILE": str(tokens_file),
         "CRM_LISTEN": settings.crm_listen,
+        "PROVISIONING_LISTEN": settings.provisioning_listen,
+        "CLIENTS_DIR": str(settings.clients_dir.resolve()),
         "DEV_MODE": "1",
     }
+    # The demo never talks to the real SendGrid: a key in the shell (say, a
+    # production one) must not delete a subuser that happens to share a demo name.
+    env.pop("SENDGRID_API_KEY", None)
     children = [
-        await asyncio.create_subprocess_exec(sys.executable, "-m", "crm_svc", env=env),
+        await asyncio.create_subprocess_exec(sys.executable, "-m", service, env=env)
+        for service in ("crm_svc", "provisioning_svc")
     ]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -92,14 +99,21 @@ async def main() -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await wait_serving(settings.crm_listen)
+        await wait_serving(settings.provisioning_listen)
+        examples = crm_examples(token, settings.crm_listen) + provisioning_examples(
+            token, settings.provisioning_listen, str(uuid.uuid4())
+        )
         print(
             "\nThe dev stack is up (demo tenants: " + ", ".join(DEMO_TENANTS) + ").\n"
-            "Try these; Ctrl-C stops everything.\n\n"
-            + render(crm_examples(token, settings.crm_listen)),
+            "Try these; Ctrl-C stops everything.\n\n" + render(examples),
             flush=True,
         )
+        # One service exiting stops the stack.
         exited = asyncio.ensure_future(
-            asyncio.wait([asyncio.ensure_future(c.wait()) for c in children])
+            asyncio.wait(
+                [asyncio.ensure_future(c.wait()) for c in children],
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         )
         await asyncio.wait(
             [exited, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED

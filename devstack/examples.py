@@ -60,5 +60,35 @@ def crm_examples(token: str, crm_address: str) -> list[tuple[str, list[str]]]:
     ]
 
 
+DEPROVISION = "provisioning.v1.ProvisioningService/Deprovision"
+# The demo tenant the printed deprovision commands remove (`make run` seeds it again).
+DEPROVISION_DEMO_TENANT = "initech-voyages"
+
+
+def provisioning_examples(
+    token: str, provisioning_address: str, request_id: str
+) -> list[tuple[str, list[str]]]:
+    return [
+        (
+            f"Dry run: what deprovisioning {DEPROVISION_DEMO_TENANT} would delete (changes nothing)",
+            grpcurl(
+                token,
+                provisioning_address,
+                DEPROVISION,
+                {"tenant_id": DEPROVISION_DEMO_TENANT, "validate_only": True},
+            ),
+        ),
+        (
+            f"Deprovision {DEPROVISION_DEMO_TENANT} for real (repeat it: same recorded result)",
+            grpcurl(
+                token,
+                provisioning_address,
+                DEPROVISION,
+                {"tenant_id": DEPROVISION_DEMO_TENANT, "request_id": request_id},
+            ),
+        ),
+    ]
+
+
 def render(examples: list[tuple[str, list[str]]]) -> str:
     return "\n".join(f"# {title}\n{shlex.join(argv)}\n" for title, argv in examples)

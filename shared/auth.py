@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import tomllib
 from contextvars import ContextVar
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import FailedPrecondition, PermissionDenied, Unauthenticated
+
+log = logging.getLogger(__name__)
 
 SCOPE_PIPELINE_READ = "crm.pipeline.read"
 SCOPE_TENANTS_DELETE = "provisioning.tenants.delete"
@@ -102,6 +105,9 @@ class TokenRegistry:
             entries.append(_Entry(bytes.fromhex(digest), caller))
         return cls(entries)
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
     def authenticate(self, token: str) -> Caller:
         digest = hashlib.sha256(token.encode()).digest()
         found = None
@@ -112,3 +118,27 @@ class TokenRegistry:
         if found is None:
             raise Unauthenticated("unknown credential", reason="INVALID_CREDENTIALS")
         return found
+
+
+class TokenFile:
+    """AUTH_TOKENS_FILE, re-read on demand (SIGHUP) without a restart.
+
+    Calling it returns the current registry. A reload that fails keeps the
+    previous callers, so a typo in the file does not lock everyone out.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._registry = TokenRegistry.load(path)
+
+    def __call__(self) -> TokenRegistry:
+        return self._registry
+
+    def reload(self) -> bool:
+        try:
+            self._registry = TokenRegistry.load(self.path)
+        except FailedPrecondition as exc:
+            log.error("tokens file not reloaded, keeping the previous callers: %s", exc.message)
+            return False
+        log.info("tokens file reloaded: %d caller(s)", len(self._registry))
+        return True

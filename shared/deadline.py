@@ -9,9 +9,11 @@ server answers before the caller gives up.
 from __future__ import annotations
 
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from shared.errors import DeadlineExceeded
+from shared.metrics import DEADLINE_EXHAUSTED
 
 # Keep this much of the caller's time for building and sending the answer.
 SAFETY_MARGIN_S = 0.02
@@ -31,11 +33,17 @@ class Deadline:
         return cls(time.monotonic() + seconds)
 
     @classmethod
+    def from_caller(cls, remaining: float | None) -> Deadline | None:
+        """The caller's deadline from `context.time_remaining()`; None if it set none."""
+        if remaining is None or remaining > NO_DEADLINE_ABOVE_S:
+            return None
+        return cls.after(remaining)
+
+    @classmethod
     def from_time_remaining(cls, remaining: float | None, default_s: float) -> Deadline:
         """Build from `context.time_remaining()`; None (no deadline) gets the default."""
-        if remaining is None or remaining > NO_DEADLINE_ABOVE_S:
-            return cls.after(default_s)
-        return cls.after(remaining)
+        caller = cls.from_caller(remaining)
+        return caller if caller is not None else cls.after(default_s)
 
     def remaining(self) -> float:
         return self.expires_at - time.monotonic()
@@ -50,6 +58,7 @@ class Deadline:
         """
         budget = min(cap_s, self.remaining() - SAFETY_MARGIN_S)
         if budget < MIN_BUDGET_S:
+            DEADLINE_EXHAUSTED.labels(operation).inc()
             raise DeadlineExceeded(
                 f"deadline exhausted before {operation} could start",
                 reason="BUDGET_EXHAUSTED",
@@ -57,6 +66,8 @@ class Deadline:
             )
         return budget
 
-    def shorter(self, seconds: float) -> Deadline:
-        """This deadline, or one `seconds` from now if that comes first."""
-        return Deadline(min(self.expires_at, time.monotonic() + seconds))
+
+# The deadline of the inbound RPC being served (set by the status interceptor),
+# None when its caller set none. Python does not propagate deadlines, so our
+# client helpers read this to pass the rest of it on to the services they call.
+inbound_deadline: ContextVar[Deadline | None] = ContextVar("inbound_deadline", default=None)

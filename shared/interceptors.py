@@ -10,16 +10,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
-from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc.aio import ServicerContext
 
 from shared.auth import TokenRegistry, current_caller
-from shared.errors import ServiceError, Unauthenticated
+from shared.deadline import Deadline, inbound_deadline
+from shared.errors import InvalidArgument, ServiceError, Unauthenticated
 from shared.logs import kv
+from shared.metrics import RPC_SECONDS, RPCS, RPCS_IN_FLIGHT
 from shared.status import internal_error, to_rpc_status
 
 log = logging.getLogger("rpc")
@@ -27,32 +28,46 @@ log = logging.getLogger("rpc")
 Behaviour = Callable[[Any, ServicerContext], Awaitable[Any]]
 
 
-@dataclass
-class RpcRecord:
-    """What the access log line says about the RPC being served."""
-
-    method: str
-    started: float = field(default_factory=time.monotonic)
-    caller: str | None = None
-
-
-current_rpc: ContextVar[RpcRecord | None] = ContextVar("current_rpc", default=None)
-
-
 def _wrap_unary(
-    handler: grpc.RpcMethodHandler | None, wrap: Callable[[Behaviour], Behaviour]
+    handler: grpc.RpcMethodHandler | None,
+    wrap: Callable[[Behaviour], Behaviour],
+    deserializer: Callable[[bytes], Any] | None = None,
 ) -> grpc.RpcMethodHandler | None:
     if handler is None or handler.unary_unary is None:
         return handler
     return grpc.unary_unary_rpc_method_handler(
         wrap(handler.unary_unary),
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=deserializer or handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    """A request body that is not a valid message (grpc would answer INTERNAL)."""
+
+    error: str
+
+
+def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # DecodeError, invalid UTF-8 in a string field, ...
+            return _Undecodable(type(exc).__name__)
+
+    return parse
+
+
 class StatusInterceptor(grpc.aio.ServerInterceptor):
-    """Turns typed errors into statuses (one place) and logs every RPC."""
+    """Turns typed errors into statuses (one place) and logs every RPC.
+
+    It also records the caller's deadline in `inbound_deadline`, so that the
+    client helpers can pass what is left of it to the services they call.
+    """
 
     def __init__(self, domain: str, public_methods: Collection[str]) -> None:
         self._domain = domain
@@ -70,10 +85,17 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
 
         def wrap(inner: Behaviour) -> Behaviour:
             async def behaviour(request: Any, context: ServicerContext) -> Any:
-                record = RpcRecord(method)
-                current_rpc.set(record)
+                started = time.monotonic()
+                inbound_deadline.set(Deadline.from_caller(context.time_remaining()))
                 code = grpc.StatusCode.OK
+                RPCS_IN_FLIGHT.labels(method).inc()
                 try:
+                    if isinstance(request, _Undecodable):
+                        raise InvalidArgument(
+                            "request body is not a valid message",
+                            field="request",
+                            reason="MALFORMED_REQUEST",
+                        )
                     return await inner(request, context)
                 except grpc.aio.AbortError:
                     raise  # the RPC already ended with a status
@@ -90,19 +112,25 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                     code = status.code
                     await context.abort_with_status(status)
                 finally:
+                    duration_s = time.monotonic() - started
+                    RPCS_IN_FLIGHT.labels(method).dec()
+                    RPCS.labels(method, code.name).inc()
+                    RPC_SECONDS.labels(method).observe(duration_s)
                     log.info(
                         kv(
                             "rpc",
                             method=method,
-                            caller=record.caller,
                             code=code.name,
-                            duration_ms=(time.monotonic() - record.started) * 1000,
+                            duration_ms=duration_s * 1000,
                         )
                     )
 
             return behaviour
 
-        return _wrap_unary(handler, wrap)  # type: ignore[return-value]
+        # Undecodable bodies reach the wrapper as a marker, so they are
+        # INVALID_ARGUMENT (the caller's fault) rather than grpc's INTERNAL.
+        deserializer = _lenient(handler.request_deserializer) if handler else None
+        return _wrap_unary(handler, wrap, deserializer)  # type: ignore[return-value]
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -125,11 +153,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
         def wrap(inner: Behaviour) -> Behaviour:
             async def behaviour(request: Any, context: ServicerContext) -> Any:
-                caller = self._tokens().authenticate(_bearer_token(context))
-                record = current_rpc.get()
-                if record is not None:
-                    record.caller = caller.name
-                current_caller.set(caller)
+                current_caller.set(self._tokens().authenticate(_bearer_token(context)))
                 return await inner(request, context)
 
             return behaviour

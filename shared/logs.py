@@ -12,11 +12,27 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from shared.auth import current_caller
+from shared.errors import DeadlineExceeded
+from shared.metrics import CALL_SECONDS
+
+
+class CallerFilter(logging.Filter):
+    """Puts the authenticated caller of the RPC being served on every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        caller = current_caller.get()
+        record.caller = caller.name if caller is not None else "-"
+        return True
+
 
 def configure_logging(level: int = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(CallerFilter())
     handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s", "%Y-%m-%dT%H:%M:%S")
+        logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s caller=%(caller)s %(message)s", "%Y-%m-%dT%H:%M:%S"
+        )
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -42,14 +58,17 @@ def timed_call(
     *,
     budget_s: float,
     slow_ms: int,
+    transport: str,
     tenant_id: str | None = None,
-    transport: str | None = None,
 ) -> Iterator[None]:
-    """Warn about a call slower than `slow_ms`, and about one that timed out."""
+    """Time an outbound call: metrics, a warning when slower than `slow_ms`,
+    and a warning when it timed out."""
     started = time.monotonic()
+    outcome = "ok"
     try:
         yield
-    except TimeoutError:
+    except (TimeoutError, DeadlineExceeded):
+        outcome = "timeout"
         log.warning(
             kv(
                 "call_timeout",
@@ -61,8 +80,12 @@ def timed_call(
             )
         )
         raise
+    except BaseException as exc:
+        outcome = type(exc).__name__
+        raise
     finally:
         elapsed_ms = (time.monotonic() - started) * 1000
+        CALL_SECONDS.labels(transport, operation, outcome).observe(elapsed_ms / 1000)
         if elapsed_ms > slow_ms:
             log.warning(
                 kv(

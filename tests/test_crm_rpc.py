@@ -13,7 +13,9 @@ from google.rpc import error_details_pb2
 
 from crm_svc.servicer import ERROR_DOMAIN
 from shared.auth import TokenRegistry
+from shared.database import Database
 from shared.database.postgres import PostgresDatabase
+from shared.database.rest import SupabaseRestDatabase
 from shared.money import from_money
 from shared.proto_gen.crm.v1 import crm_pb2, crm_pb2_grpc
 from tests.conftest import (
@@ -163,7 +165,7 @@ async def test_limited_token_reads_its_own_tenant(
 class CountingDatabase:
     """The real database, counting the calls that reach it."""
 
-    def __init__(self, real: PostgresDatabase) -> None:
+    def __init__(self, real: Database) -> None:
         self.real = real
         self.name = real.name
         self.calls = 0
@@ -198,7 +200,7 @@ BAD_TENANT_IDS = [
 
 
 async def test_malformed_tenant_ids_are_invalid_argument_and_query_nothing(
-    database: PostgresDatabase, tokens: TokenRegistry
+    database: Database, tokens: TokenRegistry
 ) -> None:
     counting = CountingDatabase(database)
     handle = await start_crm_server(counting, tokens)
@@ -228,15 +230,26 @@ async def test_oversized_request_is_rejected_and_server_keeps_serving(crm_stub: 
     assert error.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_database_down_is_unavailable_with_retry_info(tokens: TokenRegistry) -> None:
-    # Nothing listens on this port: the database is unreachable.
-    unreachable = PostgresDatabase(
+async def unreachable_database(transport: str) -> Database:
+    """The transport pointed at a port where nothing listens."""
+    if transport == "rest":
+        rest = SupabaseRestDatabase("http://127.0.0.1:9", "unused-key")
+        await rest.open()
+        return rest
+    direct = PostgresDatabase(
         "postgresql://postgres@127.0.0.1:9/postgres?connect_timeout=1",
         application_name="crm_svc_down",
         min_size=1,
         max_size=2,
     )
-    await unreachable.open()
+    await direct.open()
+    return direct
+
+
+async def test_database_down_is_unavailable_with_retry_info(
+    tokens: TokenRegistry, transport: str
+) -> None:
+    unreachable = await unreachable_database(transport)
     handle = await start_crm_server(unreachable, tokens)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as channel:

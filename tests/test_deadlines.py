@@ -13,11 +13,12 @@ import pytest
 import pytest_asyncio
 
 from shared.auth import TokenRegistry
+from shared.database import Database
 from shared.database.postgres import PostgresDatabase
 from shared.deadline import SAFETY_MARGIN_S, Deadline
 from shared.errors import DeadlineExceeded
 from shared.proto_gen.crm.v1 import crm_pb2, crm_pb2_grpc
-from tests.conftest import SERVICE_APP_NAME, TOKEN_READER, start_crm_server
+from tests.conftest import TOKEN_READER, start_crm_server
 from tests.factories import create_tenant, unique_tenant
 from tests.rpc import bearer, error_info
 
@@ -45,7 +46,7 @@ def test_exhausted_budget_fails_fast() -> None:
     assert caught.value.reason == "BUDGET_EXHAUSTED"
 
 
-async def test_exhausted_budget_never_touches_the_database(database: PostgresDatabase) -> None:
+async def test_exhausted_budget_never_touches_the_database(database: Database) -> None:
     with pytest.raises(DeadlineExceeded):
         await database.call("pg_sleep", {"seconds": 5}, Deadline.after(0.001))
 
@@ -87,7 +88,10 @@ async def wait_until_no_service_statements(
 
 
 async def test_blocked_summary_returns_deadline_exceeded_and_leaves_nothing_running(
-    crm_stub: crm_pb2_grpc.CrmServiceStub, blocked_tenant: str, database_url: str
+    crm_stub: crm_pb2_grpc.CrmServiceStub,
+    blocked_tenant: str,
+    database_url: str,
+    service_app_name: str,
 ) -> None:
     started = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -106,12 +110,16 @@ async def test_blocked_summary_returns_deadline_exceeded_and_leaves_nothing_runn
             "STATEMENT_TIMEOUT",
             "DB_TIMEOUT",
         }
-    leftover = await wait_until_no_service_statements(database_url, SERVICE_APP_NAME, within_s=0.1)
+    leftover = await wait_until_no_service_statements(database_url, service_app_name, within_s=0.1)
     assert leftover == [], f"statements still running after the deadline: {leftover}"
 
 
 async def test_caller_without_deadline_gets_the_server_default(
-    database: PostgresDatabase, tokens: TokenRegistry, blocked_tenant: str, database_url: str
+    database: Database,
+    tokens: TokenRegistry,
+    blocked_tenant: str,
+    database_url: str,
+    service_app_name: str,
 ) -> None:
     handle = await start_crm_server(database, tokens, default_deadline_s=0.5)
     try:
@@ -130,5 +138,38 @@ async def test_caller_without_deadline_gets_the_server_default(
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert 0.4 < elapsed < 1.0
     assert (
-        await wait_until_no_service_statements(database_url, SERVICE_APP_NAME, within_s=0.1) == []
+        await wait_until_no_service_statements(database_url, service_app_name, within_s=0.1) == []
     )
+
+
+async def test_burst_beyond_the_pool_ends_within_the_deadline(
+    database_url: str, tokens: TokenRegistry, blocked_tenant: str
+) -> None:
+    """Twenty concurrent calls on a two-connection pool, all blocked: each one
+    ends with DEADLINE_EXCEEDED or UNAVAILABLE by its deadline; none hangs."""
+    small = PostgresDatabase(database_url, application_name="crm_burst", min_size=2, max_size=2)
+    await small.open(wait_s=10)
+    handle = await start_crm_server(small, tokens)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
+            stub = crm_pb2_grpc.CrmServiceStub(channel)
+
+            async def one() -> tuple[grpc.StatusCode, float]:
+                started = time.monotonic()
+                try:
+                    await stub.PipelineSummary(
+                        crm_pb2.PipelineSummaryRequest(tenant_id=blocked_tenant),
+                        metadata=bearer(TOKEN_READER),
+                        timeout=0.5,
+                    )
+                except grpc.aio.AioRpcError as error:
+                    return error.code(), time.monotonic() - started
+                return grpc.StatusCode.OK, time.monotonic() - started
+
+            results = await asyncio.gather(*(one() for _ in range(20)))
+    finally:
+        await handle.stop(0)
+        await small.close()
+    codes = {code for code, _ in results}
+    assert codes <= {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE}, codes
+    assert max(elapsed for _, elapsed in results) < 0.7

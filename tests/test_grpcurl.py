@@ -7,18 +7,28 @@ import asyncio
 import json
 import re
 import shlex
+import uuid
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
-from devstack.examples import GRPCURL, crm_examples
+from devstack.examples import GRPCURL, crm_examples, provisioning_examples
+from shared.auth import TokenRegistry
 from shared.database.migrations import SEED_FILE
-from tests.conftest import TOKEN_READER
+from tests.conftest import TOKEN_ADMIN, TOKEN_READER
+from tests.factories import unique_tenant
+from tests.provisioning_fixtures import (
+    FakeReply,
+    FakeSendGrid,
+    make_config_directory,
+    provisioning_server,
+)
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 README_ADDRESS = "127.0.0.1:50051"
+README_PROVISIONING_ADDRESS = "127.0.0.1:50052"
 GRPCURL_BINARY = str(Path(GRPCURL).resolve())
 
 
@@ -29,9 +39,21 @@ def readme_commands() -> list[list[str]]:
     return [shlex.split(line) for line in lines]
 
 
-async def run(argv: list[str], address: str) -> tuple[int, str, str]:
+async def run(
+    argv: list[str],
+    address: str,
+    *,
+    token: str = TOKEN_READER,
+    readme_address: str = README_ADDRESS,
+    request_id: str = "",
+) -> tuple[int, str, str]:
     argv = [GRPCURL_BINARY, *argv[1:]]
-    argv = [address if a == README_ADDRESS else a.replace("$TOKEN", TOKEN_READER) for a in argv]
+    argv = [
+        address
+        if a == readme_address
+        else a.replace("$TOKEN", token).replace("$REQUEST_ID", request_id)
+        for a in argv
+    ]
     process = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
@@ -50,11 +72,17 @@ def test_readme_has_the_examples() -> None:
     methods = [argv[-1] for argv in readme_commands()]
     assert "list" in methods
     assert "crm.v1.CrmService/PipelineSummary" in methods
+    assert methods.count("provisioning.v1.ProvisioningService/Deprovision") == 2
 
 
 def test_make_run_prints_the_readme_commands() -> None:
-    printed = [argv for _, argv in crm_examples("$TOKEN", README_ADDRESS)]
-    assert [[".venv/bin/grpcurl", *argv[1:]] for argv in printed][:3] == readme_commands()
+    crm = [argv for _, argv in crm_examples("$TOKEN", README_ADDRESS)][:3]
+    provisioning = [
+        argv
+        for _, argv in provisioning_examples("$TOKEN", README_PROVISIONING_ADDRESS, "$REQUEST_ID")
+    ]
+    printed = [[".venv/bin/grpcurl", *argv[1:]] for argv in crm + provisioning]
+    assert printed == readme_commands()
 
 
 async def test_list_shows_the_services(crm_address: str) -> None:
@@ -117,3 +145,95 @@ async def test_grpcurl_shows_the_rich_error(crm_address: str) -> None:
     assert "Code: InvalidArgument" in err
     assert "INVALID_TENANT_ID" in err
     assert TOKEN_READER not in err + out
+
+
+def readme_deprovision_commands() -> tuple[list[str], list[str]]:
+    dry, real = [a for a in readme_commands() if a[-1].endswith("/Deprovision")]
+    return dry, real
+
+
+async def test_readme_deprovision_commands_dry_run_then_real(
+    database: Any,
+    tokens: TokenRegistry,
+    sendgrid: FakeSendGrid,
+    tmp_path: Path,
+    sql: Any,
+) -> None:
+    dry, real = readme_deprovision_commands()
+    # The seed brings back demo tenants an earlier run deprovisioned (as `make run` does).
+    sql.execute(SEED_FILE.read_text())
+    # As under `make run`: dev mode, no SendGrid key, demo directories.
+    async with provisioning_server(
+        database, tokens, sendgrid, tmp_path, sendgrid_api_key=None, dev_mode=True
+    ) as provisioning:
+        make_config_directory(provisioning.clients_dir / "initech-voyages")
+        address = provisioning.address
+        kwargs: dict[str, Any] = {
+            "token": TOKEN_ADMIN,
+            "readme_address": README_PROVISIONING_ADDRESS,
+            "request_id": str(uuid.uuid4()),
+        }
+
+        code, out, err = await run(dry, address, **kwargs)
+        assert code == 0, err
+        plan = json.loads(out)
+        assert plan["state"] == "JOB_STATE_VALIDATED"
+        steps = {s["step"]: s for s in plan["steps"]}
+        assert steps["STEP_TENANT_DATA"]["outcome"] == "STEP_OUTCOME_WOULD_DELETE"
+        # The seed's initech-voyages: 2 clients, 2 quotes, an activity per client;
+        # their pipeline aggregates: 2 emails, in 2 stages, each with a GBP value.
+        assert steps["STEP_TENANT_DATA"]["rows"] == {
+            "activities": "2",
+            "clients": "2",
+            "invoices": "0",
+            "notifications": "1",
+            "quotes": "2",
+            "tenant_settings": "1",
+            "pipeline_emails": "2",
+            "pipeline_email_clients": "2",
+            "pipeline_email_quotes": "2",
+            "pipeline_stage_clients": "2",
+            "pipeline_stage_values": "2",
+        }
+        assert (provisioning.clients_dir / "initech-voyages").is_dir()
+
+        code, out, err = await run(real, address, **kwargs)
+        assert code == 0, err
+        done = json.loads(out)
+        assert done["state"] == "JOB_STATE_COMPLETED"
+        assert not (provisioning.clients_dir / "initech-voyages").exists()
+        steps = {s["step"]: s["outcome"] for s in done["steps"]}
+        assert steps["STEP_SENDGRID_SUBUSER"] == "STEP_OUTCOME_ALREADY_ABSENT"
+
+        code, again, err = await run(real, address, **kwargs)
+        assert code == 0, err
+        assert json.loads(again) == done
+
+
+async def test_grpcurl_shows_the_partial_response_of_a_failed_deprovision(
+    database: Any, tokens: TokenRegistry, sendgrid: FakeSendGrid, tmp_path: Path, sql: Any
+) -> None:
+    tenant = unique_tenant("grpcurl")
+    sql.execute("INSERT INTO tenants (id) VALUES (%s)", (tenant,))
+    sql.execute(
+        "INSERT INTO tenant_settings (tenant_id, sendgrid_username) VALUES (%s, 'x-mail')",
+        (tenant,),
+    )
+    sendgrid.script(FakeReply(500))
+    _, real = readme_deprovision_commands()
+    real = [a.replace("initech-voyages", tenant) for a in real]
+    async with provisioning_server(database, tokens, sendgrid, tmp_path) as provisioning:
+        address = provisioning.address
+        code, out, err = await run(
+            real,
+            address,
+            token=TOKEN_ADMIN,
+            readme_address=README_PROVISIONING_ADDRESS,
+            request_id=str(uuid.uuid4()),
+        )
+    assert code != 0
+    assert "Code: Unavailable" in err
+    assert "SENDGRID_UNAVAILABLE" in err
+    assert "provisioning.v1.DeprovisionResponse" in err
+    assert "STEP_OUTCOME_FAILED" in err
+    assert TOKEN_ADMIN not in out + err

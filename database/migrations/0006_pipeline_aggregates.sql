@@ -685,88 +685,18 @@ CREATE TRIGGER pipeline_tenant_status_changed AFTER UPDATE OF status ON tenants
     EXECUTE FUNCTION pipeline_tenant_status_changed();
 
 
--- 5. The summaries. pipeline_summary keeps its contract (and its grants: it is
--- replaced, not recreated) but reads the aggregates; the full scan of 0002
--- stays as pipeline_summary_recompute.
+-- 5. The summaries. pipeline_summary keeps its contract but reads the
+-- aggregates; the full scan of 0002 stays as pipeline_summary_recompute.
 
--- The body is 0002's, unchanged. No nested loops: for a tenant loaded since
--- the last ANALYZE the planner would join its clients and quote sums with one
--- and take minutes instead of seconds (pipeline_verify calls this).
-CREATE FUNCTION pipeline_summary_recompute(p_tenant_id text) RETURNS jsonb
-LANGUAGE plpgsql STABLE
-SET search_path = public, pg_temp
-SET enable_nestloop = off
-AS $$
-DECLARE
-    v_status text;
-    v_summary jsonb;
-BEGIN
-    SELECT status INTO v_status FROM tenants WHERE id = p_tenant_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'tenant % does not exist', p_tenant_id
-            USING ERRCODE = 'no_data_found', HINT = 'TENANT_NOT_FOUND';
-    END IF;
-    IF v_status = 'deprovisioning' THEN
-        RAISE EXCEPTION 'tenant % is being deprovisioned', p_tenant_id
-            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'TENANT_DEPROVISIONING';
-    END IF;
+-- The full scan is 0002's function itself, renamed (its grants go with it);
+-- the new pipeline_summary below gets the default privileges of 0005. No
+-- nested loops: for a tenant loaded since the last ANALYZE the planner would
+-- join its clients and quote sums with one and take minutes instead of seconds
+-- (pipeline_verify calls this).
+ALTER FUNCTION pipeline_summary(text) RENAME TO pipeline_summary_recompute;
+ALTER FUNCTION pipeline_summary_recompute(text) SET enable_nestloop = off;
 
-    WITH client_keys AS (
-        -- NULL or blank emails get a NULL key, which joins nothing.
-        SELECT pipeline_stage AS stage, NULLIF(lower(btrim(email)), '') AS email_key
-        FROM clients
-        WHERE tenant_id = p_tenant_id
-    ),
-    stage_counts AS (
-        SELECT stage, count(*) AS client_count FROM client_keys GROUP BY stage
-    ),
-    quote_sums AS (
-        SELECT NULLIF(lower(btrim(customer_email)), '') AS email_key, currency,
-               sum(total_price) AS amount
-        FROM quotes
-        WHERE tenant_id = p_tenant_id AND total_price IS NOT NULL
-        GROUP BY 1, 2
-    ),
-    stage_values AS (
-        -- A quote counts for every client with the same normalised email.
-        SELECT ck.stage, qs.currency, sum(qs.amount) AS amount
-        FROM client_keys ck
-        JOIN quote_sums qs ON qs.email_key = ck.email_key
-        GROUP BY ck.stage, qs.currency
-    )
-    SELECT jsonb_build_object(
-        'stages', (
-            SELECT jsonb_agg(jsonb_build_object(
-                       'stage', s.stage,
-                       'open', s.open,
-                       'client_count', coalesce(c.client_count, 0),
-                       'value', coalesce((
-                           SELECT jsonb_agg(jsonb_build_object(
-                                      'currency', v.currency, 'amount', v.amount::text)
-                                  ORDER BY v.currency)
-                           FROM stage_values v
-                           WHERE v.stage = s.stage), '[]'::jsonb))
-                   ORDER BY s.position)
-            FROM pipeline_stages s
-            LEFT JOIN stage_counts c ON c.stage = s.stage),
-        'total_clients', (SELECT coalesce(sum(client_count), 0) FROM stage_counts),
-        'open_value', coalesce((
-            SELECT jsonb_agg(jsonb_build_object('currency', currency, 'amount', amount::text)
-                   ORDER BY currency)
-            FROM (
-                SELECT v.currency, sum(v.amount) AS amount
-                FROM stage_values v
-                JOIN pipeline_stages s ON s.stage = v.stage
-                WHERE s.open
-                GROUP BY v.currency
-            ) open_sums), '[]'::jsonb),
-        'computed_at', clock_timestamp()
-    ) INTO v_summary;
-    RETURN v_summary;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION pipeline_summary(p_tenant_id text) RETURNS jsonb
+CREATE FUNCTION pipeline_summary(p_tenant_id text) RETURNS jsonb
 LANGUAGE plpgsql STABLE
 SET search_path = public, pg_temp
 AS $$
@@ -931,3 +861,12 @@ $$;
 
 -- 7. Backfill (under the lock taken at the top). DO: yoyo prints a SELECT's rows.
 DO $$ BEGIN PERFORM pipeline_aggregates_rebuild(NULL); END $$;
+
+-- 8. As for every table (0005): row-level security with no policy, so only the
+-- backend role (which bypasses it) and the owner see aggregate rows.
+ALTER TABLE pipeline_emails ENABLE ROW LEVEL SECURITY;
+ALTER TABLE pipeline_email_clients ENABLE ROW LEVEL SECURITY;
+ALTER TABLE pipeline_email_quotes ENABLE ROW LEVEL SECURITY;
+ALTER TABLE pipeline_stage_clients ENABLE ROW LEVEL SECURITY;
+ALTER TABLE pipeline_stage_values ENABLE ROW LEVEL SECURITY;
+ALTER TABLE pipeline_apply_queue ENABLE ROW LEVEL SECURITY;

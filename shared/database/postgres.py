@@ -31,7 +31,10 @@ log = logging.getLogger(__name__)
 # Extra client-side wait past the server-side timeout, so that the server's
 # own (clean) statement_timeout error normally wins the race.
 CLIENT_GRACE_S = 0.05
-ACQUIRE_SLICE_S = 0.25
+# While the database is known to be down, a call waits this long for a
+# connection (its wait also starts a reconnect attempt), then fails fast.
+DOWN_PROBE_S = 0.2
+RECONNECT_GIVE_UP_S = 2.0
 
 
 class _Reachability:
@@ -39,6 +42,16 @@ class _Reachability:
 
     def __init__(self) -> None:
         self.down_since: float | None = None
+        self.went_down = asyncio.Event()
+
+    def mark_down(self) -> None:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            self.went_down.set()
+
+    def mark_up(self) -> None:
+        self.down_since = None
+        self.went_down.clear()
 
 
 def _tracked_connection_class(reach: _Reachability) -> type[psycopg.AsyncConnection[Any]]:
@@ -48,10 +61,9 @@ def _tracked_connection_class(reach: _Reachability) -> type[psycopg.AsyncConnect
             try:
                 conn = await super().connect(*args, **kwargs)
             except psycopg.OperationalError:
-                if reach.down_since is None:
-                    reach.down_since = time.monotonic()
+                reach.mark_down()
                 raise
-            reach.down_since = None
+            reach.mark_up()
             return conn
 
     return TrackedConnection
@@ -70,6 +82,7 @@ class PostgresDatabase:
         slow_call_ms: int = 3000,
     ) -> None:
         self._reach = _Reachability()
+        self._background: set[asyncio.Task[None]] = set()
         self._slow_call_ms = slow_call_ms
         self._pool = AsyncConnectionPool(
             url,
@@ -78,8 +91,13 @@ class PostgresDatabase:
             open=False,
             kwargs={"application_name": application_name, "autocommit": True, "connect_timeout": 5},
             connection_class=_tracked_connection_class(self._reach),
-            # Retry connecting in the background quickly after an outage.
-            reconnect_timeout=3600,
+            # After a database restart the idle connections are dead: test each
+            # one before handing it out (one empty round trip).
+            check=AsyncConnectionPool.check_connection,
+            # Give up background reconnects quickly: the next call that waits for
+            # a connection starts a fresh attempt at once, instead of waiting
+            # out an ever longer backoff. This bounds recovery after an outage.
+            reconnect_timeout=RECONNECT_GIVE_UP_S,
         )
 
     async def open(self, wait_s: float | None = None) -> None:
@@ -87,6 +105,10 @@ class PostgresDatabase:
 
     async def close(self) -> None:
         await self._pool.close()
+
+    @property
+    def reachable(self) -> bool:
+        return self._reach.down_since is None
 
     async def ping(self, deadline: Deadline) -> None:
         await self._run(sql.SQL("SELECT 1"), {}, deadline, cap_s=2.0, operation="ping")
@@ -113,27 +135,51 @@ class PostgresDatabase:
 
     async def _acquire(self, ends_at: float, operation: str) -> psycopg.AsyncConnection[Any]:
         """A pooled connection before `ends_at`; fail fast while the database is down."""
-        while True:
-            if self._reach.down_since is not None and not self._pool.get_stats().get(
-                "pool_available"
-            ):
-                raise Unavailable(
-                    "database unreachable",
-                    reason="DB_UNAVAILABLE",
-                    metadata={"operation": operation},
-                )
-            left = ends_at - time.monotonic()
-            if left < MIN_BUDGET_S:
-                raise DeadlineExceeded(
-                    "no database connection free within the deadline",
-                    reason="POOL_EXHAUSTED",
-                    metadata={"operation": operation},
-                )
+        left = ends_at - time.monotonic()
+        if left < MIN_BUDGET_S:
+            raise DeadlineExceeded(
+                "deadline exhausted before a database connection was free",
+                reason="BUDGET_EXHAUSTED",
+                metadata={"operation": operation},
+            )
+        unreachable = Unavailable(
+            "database unreachable", reason="DB_UNAVAILABLE", metadata={"operation": operation}
+        )
+        if self._reach.down_since is not None:
+            # Known to be down: a short wait (which starts a reconnect attempt).
             try:
-                # Wait in slices so that an outage noticed meanwhile fails the call fast.
-                return await self._pool.getconn(timeout=min(left, ACQUIRE_SLICE_S))
+                return await self._pool.getconn(timeout=min(left, DOWN_PROBE_S))
             except PoolTimeout:
-                continue
+                raise unreachable from None
+        # One uninterrupted wait keeps this call's place in the pool's queue;
+        # an outage noticed meanwhile ends it early.
+        getting = asyncio.ensure_future(self._pool.getconn(timeout=left))
+        went_down = asyncio.ensure_future(self._reach.went_down.wait())
+        try:
+            await asyncio.wait({getting, went_down}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            went_down.cancel()
+            settled = getting.done()
+            if not settled:
+                getting.cancel()
+                getting.add_done_callback(self._return_if_obtained)
+        if not settled:
+            raise unreachable
+        try:
+            return getting.result()
+        except PoolTimeout:
+            raise DeadlineExceeded(
+                "no database connection free within the deadline",
+                reason="POOL_EXHAUSTED",
+                metadata={"operation": operation},
+            ) from None
+
+    def _return_if_obtained(self, getting: asyncio.Future[psycopg.AsyncConnection[Any]]) -> None:
+        """An abandoned wait that got a connection anyway gives it back."""
+        if not getting.cancelled() and getting.exception() is None:
+            task = asyncio.ensure_future(self._pool.putconn(getting.result()))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _run(
         self,
@@ -146,37 +192,48 @@ class PostgresDatabase:
         tenant_id: str | None = None,
     ) -> Any:
         budget = deadline.budget(cap_s, operation)
+        with timed_call(
+            log,
+            operation,
+            budget_s=budget,
+            slow_ms=self._slow_call_ms,
+            tenant_id=tenant_id,
+            transport=self.name,
+        ):
+            return await self._run_bounded(query, args, budget, operation, tenant_id)
+
+    async def _run_bounded(
+        self,
+        query: sql.Composable,
+        args: Mapping[str, Any],
+        budget: float,
+        operation: str,
+        tenant_id: str | None,
+    ) -> Any:
+        """Run within `budget` seconds; psycopg and pool errors become typed errors."""
         ends_at = time.monotonic() + budget
         try:
-            with timed_call(
-                log,
-                operation,
-                budget_s=budget,
-                slow_ms=self._slow_call_ms,
-                tenant_id=tenant_id,
-                transport=self.name,
-            ):
-                async with asyncio.timeout(budget + CLIENT_GRACE_S):
-                    conn = await self._acquire(ends_at, operation)
-                    try:
-                        left_ms = int((ends_at - time.monotonic()) * 1000)
-                        if left_ms < MIN_BUDGET_S * 1000:
-                            raise DeadlineExceeded(
-                                "deadline exhausted while waiting for a database connection",
-                                reason="BUDGET_EXHAUSTED",
-                                metadata={"operation": operation},
-                            )
-                        async with conn.transaction():
-                            await conn.execute(
-                                "SELECT set_config('statement_timeout', %(ms)s, true),"
-                                " set_config('lock_timeout', %(ms)s, true)",
-                                {"ms": str(left_ms)},
-                            )
-                            cursor = await conn.execute(query, dict(args))
-                            row = await cursor.fetchone()
-                            return row[0] if row else None
-                    finally:
-                        await self._pool.putconn(conn)
+            async with asyncio.timeout(budget + CLIENT_GRACE_S):
+                conn = await self._acquire(ends_at, operation)
+                try:
+                    left_ms = int((ends_at - time.monotonic()) * 1000)
+                    if left_ms < MIN_BUDGET_S * 1000:
+                        raise DeadlineExceeded(
+                            "deadline exhausted while waiting for a database connection",
+                            reason="BUDGET_EXHAUSTED",
+                            metadata={"operation": operation},
+                        )
+                    async with conn.transaction():
+                        await conn.execute(
+                            "SELECT set_config('statement_timeout', %(ms)s, true),"
+                            " set_config('lock_timeout', %(ms)s, true)",
+                            {"ms": str(left_ms)},
+                        )
+                        cursor = await conn.execute(query, dict(args))
+                        row = await cursor.fetchone()
+                        return row[0] if row else None
+                finally:
+                    await self._pool.putconn(conn)
         except TimeoutError:
             raise DeadlineExceeded(
                 "database call timed out", reason="DB_TIMEOUT", metadata={"operation": operation}

@@ -69,8 +69,10 @@ class ProvisioningServiceServicer:
 
         Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND
         (unknown tenant, unless allow_missing), ABORTED (another call is
-        deprovisioning the same tenant), FAILED_PRECONDITION (SendGrid key missing
-        or rejected), DEADLINE_EXCEEDED, UNAVAILABLE. A failed step returns the
+        deprovisioning the same tenant; retry after its deadline), FAILED_PRECONDITION
+        (SendGrid key missing or rejected, malformed SendGrid subuser name, the
+        tenant's directory is a symlink or not a directory, CLIENTS_DIR missing),
+        DEADLINE_EXCEEDED, UNAVAILABLE (with RetryInfo). A failed step returns the
         partial DeprovisionResponse as a status detail.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -1,0 +1,553 @@
+-- Deprovisioning a tenant (design §7, issue 3): the job's lease, the log of
+-- requests that drove each job, and the SQL functions the provisioning
+-- service calls. Each function is one transaction (one Database.call).
+--
+-- Concurrency: a job is worked on by the call that holds its lease
+-- (lease_owner, lease_expires_at = that call's gRPC deadline). Every function
+-- that changes a job first checks the lease, so a call whose lease has passed
+-- can no longer write. A crashed call's lease simply expires.
+--
+-- Domain errors carry a SQLSTATE and a HINT naming the ErrorInfo reason
+-- (shared/database/errors.py): 55006 -> ABORTED, 55000 -> FAILED_PRECONDITION.
+
+ALTER TABLE deprovision_jobs
+    ADD COLUMN lease_owner uuid,
+    ADD COLUMN lease_expires_at timestamptz,
+    ALTER COLUMN steps SET DEFAULT '{}';
+
+-- steps: step name -> {outcome, detail, rows, at}, e.g.
+-- {"TENANT_DATA": {"outcome": "DONE", "detail": "...", "rows": {"clients": 12}, "at": "..."}}
+UPDATE deprovision_jobs SET steps = '{}' WHERE steps = '[]';
+ALTER TABLE deprovision_jobs
+    ADD CONSTRAINT deprovision_jobs_steps_object CHECK (jsonb_typeof(steps) = 'object');
+
+-- At most one unfinished job per tenant: another request resumes it.
+CREATE UNIQUE INDEX deprovision_jobs_one_open_per_tenant
+    ON deprovision_jobs (tenant_id) WHERE state IN ('RUNNING', 'FAILED');
+
+-- Every request id that drove a job, with its caller (audit; idempotency).
+-- No tenant_id column on purpose: tables with one are the tenant's data.
+CREATE TABLE deprovision_requests (
+    request_id  uuid PRIMARY KEY,
+    job_id      uuid NOT NULL REFERENCES deprovision_jobs (id),
+    actor       text NOT NULL,
+    received_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX deprovision_requests_job_idx ON deprovision_requests (job_id);
+INSERT INTO deprovision_requests (request_id, job_id, actor, received_at)
+SELECT request_id, id, actor, started_at FROM deprovision_jobs;
+
+
+-- The tables a tenant owns: every table of this schema with a tenant_id
+-- column, except tenants itself and the audit table. Discovered from the
+-- catalog so that tables added later are deprovisioned too.
+-- delete_order: 0 for tables no other owned table references, else one more
+-- than the highest of the tables referencing it, so ascending order deletes
+-- children before parents. A table on a foreign-key cycle reaches
+-- delete_order >= the number of tables (in_cycle).
+CREATE FUNCTION deprovision_tables()
+RETURNS TABLE (rel regclass, table_name text, delete_order int, self_referencing boolean,
+               in_cycle boolean)
+LANGUAGE sql STABLE
+SET search_path = public, pg_temp
+AS $$
+    WITH RECURSIVE owned AS (
+        SELECT c.oid, c.relname::text AS name
+        FROM pg_class c
+        JOIN pg_attribute a
+          ON a.attrelid = c.oid AND a.attname = 'tenant_id' AND NOT a.attisdropped
+        WHERE c.relnamespace = 'public'::regnamespace
+          AND c.relkind IN ('r', 'p')
+          AND NOT c.relispartition
+          AND c.relname NOT IN ('tenants', 'deprovision_jobs')
+    ),
+    edges AS (
+        SELECT DISTINCT con.conrelid AS child, con.confrelid AS parent
+        FROM pg_constraint con
+        WHERE con.contype = 'f'
+          AND con.conrelid <> con.confrelid
+          AND con.conrelid IN (SELECT oid FROM owned)
+          AND con.confrelid IN (SELECT oid FROM owned)
+    ),
+    heights (oid, height) AS (
+        SELECT oid, 0 FROM owned
+        UNION ALL
+        SELECT e.parent, h.height + 1
+        FROM heights h
+        JOIN edges e ON e.child = h.oid
+        WHERE h.height < (SELECT count(*) FROM owned)
+    )
+    SELECT o.oid::regclass,
+           o.name,
+           max(h.height)::int,
+           EXISTS (SELECT 1 FROM pg_constraint con
+                   WHERE con.contype = 'f' AND con.conrelid = o.oid AND con.confrelid = o.oid),
+           max(h.height) >= (SELECT count(*) FROM owned)
+    FROM owned o
+    JOIN heights h USING (oid)
+    GROUP BY o.oid, o.name
+    ORDER BY 3, 2
+$$;
+
+-- Refuses to delete anything when the order is undefined (a foreign-key cycle
+-- between tenant tables), rather than fail half-way on a constraint.
+CREATE FUNCTION deprovision_assert_tables() RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = public, pg_temp
+AS $$
+DECLARE
+    v_cycle text;
+BEGIN
+    SELECT string_agg(table_name, ', ') INTO v_cycle FROM deprovision_tables() WHERE in_cycle;
+    IF v_cycle IS NOT NULL THEN
+        RAISE EXCEPTION 'tenant tables form a foreign-key cycle: %', v_cycle
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'TENANT_TABLES_CYCLE';
+    END IF;
+END
+$$;
+
+
+-- A step entry of deprovision_jobs.steps.
+CREATE FUNCTION deprovision_step(p_outcome text, p_detail text, p_rows jsonb DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE sql VOLATILE
+AS $$
+    SELECT jsonb_strip_nulls(jsonb_build_object(
+        'outcome', p_outcome, 'detail', p_detail, 'rows', p_rows, 'at', clock_timestamp()))
+$$;
+
+
+-- What the service gets back about a job.
+CREATE FUNCTION deprovision_job_document(p_job deprovision_jobs) RETURNS jsonb
+LANGUAGE sql STABLE
+AS $$
+    SELECT jsonb_build_object(
+        'id', p_job.id,
+        'tenant_id', p_job.tenant_id,
+        'request_id', p_job.request_id,
+        'actor', p_job.actor,
+        'state', p_job.state,
+        'sendgrid_username', p_job.sendgrid_username,
+        'steps', p_job.steps,
+        'error', p_job.error,
+        'started_at', p_job.started_at,
+        'finished_at', p_job.finished_at)
+$$;
+
+
+-- The job p_job_id, locked, provided the call p_lease_owner still holds it.
+CREATE FUNCTION deprovision_leased_job(p_job_id uuid, p_lease_owner uuid)
+RETURNS deprovision_jobs
+LANGUAGE plpgsql
+SET search_path = public, pg_temp
+AS $$
+DECLARE
+    v_job deprovision_jobs;
+BEGIN
+    SELECT * INTO v_job FROM deprovision_jobs WHERE id = p_job_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'deprovisioning job % does not exist', p_job_id
+            USING ERRCODE = 'no_data_found', HINT = 'JOB_NOT_FOUND';
+    END IF;
+    IF v_job.state <> 'RUNNING'
+       OR v_job.lease_owner IS DISTINCT FROM p_lease_owner
+       OR v_job.lease_expires_at <= clock_timestamp() THEN
+        RAISE EXCEPTION 'deprovisioning job % is no longer held by this call', p_job_id
+            USING ERRCODE = 'object_in_use', HINT = 'LEASE_LOST';
+    END IF;
+    RETURN v_job;
+END
+$$;
+
+
+-- Rows per owned table of one tenant, every table listed (0 included).
+CREATE FUNCTION deprovision_count_rows(p_tenant_id text) RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = public, pg_temp
+AS $$
+DECLARE
+    v_table record;
+    v_count bigint;
+    v_rows jsonb := '{}';
+BEGIN
+    FOR v_table IN SELECT * FROM deprovision_tables() ORDER BY delete_order, table_name LOOP
+        EXECUTE format('SELECT count(*) FROM %s WHERE tenant_id = $1', v_table.rel)
+            INTO v_count USING p_tenant_id;
+        v_rows := v_rows || jsonb_build_object(v_table.table_name, v_count);
+    END LOOP;
+    RETURN v_rows;
+END
+$$;
+
+
+-- Dry run: what deprovisioning p_tenant_id would do. Reads only.
+-- {tenant_exists, status, sendgrid_username, rows, open_job, completed_job}
+CREATE FUNCTION deprovision_plan(p_tenant_id text) RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = public, pg_temp
+AS $$
+DECLARE
+    v_tenant tenants;
+    v_open deprovision_jobs;
+    v_completed deprovision_jobs;
+    v_username text;
+BEGIN
+    PERFORM deprovision_assert_tables();
+    SELECT * INTO v_tenant FROM tenants WHERE id = p_tenant_id;
+    IF NOT FOUND THEN
+        SELECT * INTO v_completed FROM deprovision_jobs
+        WHERE tenant_id = p_tenant_id AND state = 'COMPLETED'
+        ORDER BY finished_at DESC LIMIT 1;
+        RETURN jsonb_build_object(
+            'tenant_exists', false,
+            'completed_job', CASE WHEN v_completed.id IS NULL THEN NULL
+                                  ELSE deprovision_job_document(v_completed) END);
+    END IF;
+    SELECT * INTO v_open FROM deprovision_jobs
+    WHERE tenant_id = p_tenant_id AND state IN ('RUNNING', 'FAILED');
+    IF v_open.id IS NOT NULL THEN
+        v_username := v_open.sendgrid_username;
+    ELSE
+        SELECT sendgrid_username INTO v_username FROM tenant_settings WHERE tenant_id = p_tenant_id;
+    END IF;
+    RETURN jsonb_build_object(
+        'tenant_exists', true,
+        'status', v_tenant.status,
+        'sendgrid_username', v_username,
+        'rows', deprovision_count_rows(p_tenant_id),
+        'open_job', CASE WHEN v_open.id IS NULL THEN NULL
+                         ELSE deprovision_job_document(v_open) END);
+END
+$$;
+
+
+-- Start or resume the deprovisioning of p_tenant_id for request p_request_id.
+-- Returns {disposition, job}:
+--   recorded           the request's job, or the tenant's, is completed: its result
+--   missing            no such tenant and no completed job for it
+--   request_id_reused  p_request_id belongs to another tenant's job
+--   claimed            this call now holds the job's lease (until p_lease_seconds
+--                      from now); a new job also did step 1: the tenant is marked
+--                      'deprovisioning' and its SendGrid subuser name captured.
+-- Another call's live lease on the tenant's open job: SQLSTATE 55006 (ABORTED).
+CREATE FUNCTION deprovision_claim(
+    p_tenant_id text,
+    p_request_id uuid,
+    p_actor text,
+    p_lease_owner uuid,
+    p_lease_seconds double precision
+) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = public, pg_temp
+AS $$
+DECLARE
+    v_job deprovision_jobs;
+    v_status text;
+    v_username text;
+BEGIN
+    IF p_lease_seconds IS NULL OR p_lease_seconds <= 0 THEN
+        RAISE EXCEPTION 'lease must be positive'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'INVALID_LEASE';
+    END IF;
+
+    SELECT j.* INTO v_job
+    FROM deprovision_requests r JOIN deprovision_jobs j ON j.id = r.job_id
+    WHERE r.request_id = p_request_id;
+    IF FOUND THEN
+        IF v_job.tenant_id <> p_tenant_id THEN
+            RETURN jsonb_build_object('disposition', 'request_id_reused');
+        END IF;
+        IF v_job.state = 'COMPLETED' THEN
+            RETURN jsonb_build_object('disposition', 'recorded',
+                                      'job', deprovision_job_document(v_job));
+        END IF;
+    END IF;
+
+    -- Serializes claims for one tenant (NO KEY: inserts referencing the
+    -- tenant are not blocked).
+    SELECT status INTO v_status FROM tenants WHERE id = p_tenant_id FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        SELECT * INTO v_job FROM deprovision_jobs
+        WHERE tenant_id = p_tenant_id AND state = 'COMPLETED'
+        ORDER BY finished_at DESC LIMIT 1;
+        IF FOUND THEN
+            RETURN jsonb_build_object('disposition', 'recorded',
+                                      'job', deprovision_job_document(v_job));
+        END IF;
+        RETURN jsonb_build_object('disposition', 'missing');
+    END IF;
+
+    SELECT * INTO v_job FROM deprovision_jobs
+    WHERE tenant_id = p_tenant_id AND state IN ('RUNNING', 'FAILED')
+    FOR UPDATE;
+    IF FOUND THEN
+        IF v_job.lease_owner IS NOT NULL AND v_job.lease_expires_at > clock_timestamp() THEN
+            RAISE EXCEPTION 'tenant % is being deprovisioned by another call', p_tenant_id
+                USING ERRCODE = 'object_in_use', HINT = 'DEPROVISION_IN_PROGRESS';
+        END IF;
+        UPDATE deprovision_jobs
+        SET state = 'RUNNING',
+            error = NULL,
+            lease_owner = p_lease_owner,
+            lease_expires_at = clock_timestamp() + make_interval(secs => p_lease_seconds),
+            updated_at = clock_timestamp()
+        WHERE id = v_job.id
+        RETURNING * INTO v_job;
+    ELSE
+        PERFORM deprovision_assert_tables();
+        SELECT sendgrid_username INTO v_username FROM tenant_settings WHERE tenant_id = p_tenant_id;
+        -- Mirrors provisioning_svc/sendgrid_subusers.py: refuse before marking
+        -- anything, rather than fail later at the SendGrid step.
+        IF v_username IS NOT NULL AND v_username !~ '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$' THEN
+            RAISE EXCEPTION 'the SendGrid subuser name of tenant % is malformed', p_tenant_id
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = 'INVALID_SENDGRID_USERNAME';
+        END IF;
+        UPDATE tenants SET status = 'deprovisioning' WHERE id = p_tenant_id;
+        INSERT INTO deprovision_jobs
+            (tenant_id, request_id, actor, sendgrid_username, lease_owner, lease_expires_at, steps)
+        VALUES (
+            p_tenant_id, p_request_id, p_actor, v_username, p_lease_owner,
+            clock_timestamp() + make_interval(secs => p_lease_seconds),
+            jsonb_build_object('MARK_TENANT', deprovision_step(
+                'DONE',
+                CASE WHEN v_status = 'deprovisioning'
+                     THEN 'tenant was already marked deprovisioning'
+                     ELSE 'tenant marked deprovisioning' END)))
+        RETURNING * INTO v_job;
+    END IF;
+
+    INSERT INTO deprovision_requests (request_id, job_id, actor)
+    VALUES (p_request_id, v_job.id, p_actor)
+    ON CONFLICT (request_id) DO NOTHING;
+    RETURN jsonb_build_object('disposition', 'claimed', 'job', deprovision_job_document(v_job));
+END
+$$;
+
+
+-- Record that a step finished (DONE, ALREADY_ABSENT or SKIPPED).
+CREATE FUNCTION deprovision_record_step(
+    p_job_id uuid, p_lease_owner uuid, p_step text, p_outcome text, p_detail text
+) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = public, pg_temp
+AS $$
+DECLARE
+    v_job deprovision_jobs := deprovision_leased_job(p_job_id, p_lease_owner);
+BEGIN
+    IF p_step NOT IN ('SENDGRID_SUBUSER', 'CONFIG_DIRECTORY')
+       OR p_outcome NOT IN ('DONE', 'ALREADY_ABSENT', 'SKIPPED') THEN
+        RAISE EXCEPTION 'cannot record step % as %', p_step, p_outcome
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'INVALID_STEP';
+    END IF;
+    UPDATE deprovision_jobs
+    SET steps = steps || jsonb_build_object(p_step, deprovision_step(p_outcome, p_detail)),
+        updated_at = clock_timestamp()
+    WHERE id = p_job_id
+    RETURNING * INTO v_job;
+    RETURN deprovision_job_document(v_job);
+END
+$$;
+
+
+-- Step 3, one committed batch: delete up to p_batch_rows of the tenant's rows,
+-- children before parents, and add the counts to the job in the same
+-- transaction (so a cut deadline loses neither rows nor counts).
+-- Returns {deleted: {table: n}, done, job}; done = nothing of the tenant is left.
+--
+-- Index scans only (enable_seqscan/enable_bitmapscan off inside): the tenant's
+-- rows are a large share of a table, so the planner would pick a sequential
+-- scan, which walks every earlier batch's dead tuples again (quadratic over a
+-- large tenant). A plain index scan on the tenant_id-first key marks those
+-- index entries dead as it passes them, and finds the live ones directly.
+CREATE FUNCTION deprovision_delete_batch(p_job_id uuid, p_lease_owner uuid, p_batch_rows int)
+RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = public, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+AS $$
+DECLARE
+    v_job deprovision_jobs := deprovision_leased_job(p_job_id, p_lease_owner);
+    v_table record;
+    v_left bigint := p_batch_rows;
+    v_count bigint;
+    v_deleted jsonb := '{}';
+    v_rows jsonb;
+    v_total bigint;
+    v_done boolean;
+BEGIN
+    IF p_batch_rows IS NULL OR p_batch_rows < 1 THEN
+        RAISE EXCEPTION 'batch size must be positive'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'INVALID_BATCH_SIZE';
+    END IF;
+    PERFORM deprovision_assert_tables();
+    FOR v_table IN SELECT * FROM deprovision_tables() ORDER BY delete_order, table_name LOOP
+        EXIT WHEN v_left <= 0;
+        IF v_table.self_referencing THEN
+            -- Rows may reference each other: one statement, so that the
+            -- foreign key is checked once all of them are gone.
+            EXECUTE format('DELETE FROM %s WHERE tenant_id = $1', v_table.rel)
+                USING v_job.tenant_id;
+        ELSE
+            EXECUTE format(
+                'DELETE FROM %1$s WHERE tenant_id = $1 AND ctid = ANY (ARRAY('
+                'SELECT ctid FROM %1$s WHERE tenant_id = $1 LIMIT $2))', v_table.rel)
+                USING v_job.tenant_id, v_left;
+        END IF;
+        GET DIAGNOSTICS v_count = ROW_COUNT;
+        IF v_count > 0 THEN
+            v_deleted := v_deleted || jsonb_build_object(v_table.table_name, v_count);
+            v_left := v_left - v_count;
+        END IF;
+    END LOOP;
+    -- Each table gave fewer rows than it was asked for: all of them are empty.
+    v_done := v_left > 0;
+
+    SELECT coalesce(jsonb_object_agg(key, total), '{}'), coalesce(sum(total), 0)
+    INTO v_rows, v_total
+    FROM (
+        SELECT key, sum(value::bigint) AS total
+        FROM (
+            SELECT key, value FROM jsonb_each_text(coalesce(v_job.steps -> 'TENANT_DATA' -> 'rows', '{}'))
+            UNION ALL
+            SELECT key, value FROM jsonb_each_text(v_deleted)
+            UNION ALL
+            -- The finished step lists every table, 0 included.
+            SELECT table_name, '0' FROM deprovision_tables() WHERE v_done
+        ) counts
+        GROUP BY key
+    ) totals;
+
+    UPDATE deprovision_jobs
+    SET steps = steps || jsonb_build_object('TENANT_DATA', deprovision_step(
+            CASE WHEN v_done THEN 'DONE' ELSE 'PENDING' END,
+            CASE WHEN v_done THEN format('%s rows deleted', v_total)
+                 ELSE format('%s rows deleted so far', v_total) END,
+            v_rows)),
+        updated_at = clock_timestamp()
+    WHERE id = p_job_id
+    RETURNING * INTO v_job;
+    RETURN jsonb_build_object('deleted', v_deleted, 'done', v_done,
+                              'job', deprovision_job_document(v_job));
+END
+$$;
+
+
+-- Step 5: delete the tenant row and complete the job (releases the lease).
+-- Rows written for the tenant since step 3 despite the mark are swept first
+-- (through the tenant_id index, not a scan of every table).
+CREATE FUNCTION deprovision_finish(p_job_id uuid, p_lease_owner uuid) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = public, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+AS $$
+DECLARE
+    v_job deprovision_jobs := deprovision_leased_job(p_job_id, p_lease_owner);
+    v_step text;
+    v_table record;
+    v_count bigint;
+    v_late jsonb := '{}';
+    v_data jsonb;
+BEGIN
+    FOREACH v_step IN ARRAY ARRAY['MARK_TENANT', 'SENDGRID_SUBUSER', 'TENANT_DATA', 'CONFIG_DIRECTORY'] LOOP
+        IF coalesce(v_job.steps -> v_step ->> 'outcome', 'PENDING')
+           NOT IN ('DONE', 'ALREADY_ABSENT', 'SKIPPED') THEN
+            RAISE EXCEPTION 'step % of job % has not finished', v_step, p_job_id
+                USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'STEP_NOT_FINISHED';
+        END IF;
+    END LOOP;
+    PERFORM deprovision_assert_tables();
+    FOR v_table IN SELECT * FROM deprovision_tables() ORDER BY delete_order, table_name LOOP
+        EXECUTE format('DELETE FROM %s WHERE tenant_id = $1', v_table.rel) USING v_job.tenant_id;
+        GET DIAGNOSTICS v_count = ROW_COUNT;
+        IF v_count > 0 THEN
+            v_late := v_late || jsonb_build_object(v_table.table_name, v_count);
+        END IF;
+    END LOOP;
+    v_data := v_job.steps -> 'TENANT_DATA';
+    IF v_late <> '{}' THEN
+        v_data := jsonb_set(v_data, '{rows}', (
+            SELECT jsonb_object_agg(key, total) FROM (
+                SELECT key, sum(value::bigint) AS total
+                FROM (SELECT key, value FROM jsonb_each_text(v_data -> 'rows')
+                      UNION ALL SELECT key, value FROM jsonb_each_text(v_late)) counts
+                GROUP BY key) totals));
+        v_data := jsonb_set(v_data, '{detail}', to_jsonb(
+            (v_data ->> 'detail') || format(' (%s written during deprovisioning, swept at the end)',
+                                             (SELECT sum(value::bigint) FROM jsonb_each_text(v_late)))));
+    END IF;
+
+    DELETE FROM tenants WHERE id = v_job.tenant_id;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    UPDATE deprovision_jobs
+    SET steps = steps || jsonb_build_object(
+            'TENANT_DATA', v_data,
+            'TENANT_RECORD', deprovision_step('DONE', 'tenant row deleted; job completed',
+                                              jsonb_build_object('tenants', v_count))),
+        state = 'COMPLETED',
+        lease_owner = NULL,
+        lease_expires_at = NULL,
+        updated_at = clock_timestamp(),
+        finished_at = clock_timestamp()
+    WHERE id = p_job_id
+    RETURNING * INTO v_job;
+    RETURN deprovision_job_document(v_job);
+END
+$$;
+
+
+-- A step failed: record it, mark the job FAILED (resumable) and release the
+-- lease so that a retry can start at once. A call that no longer holds the
+-- lease changes nothing.
+CREATE FUNCTION deprovision_fail(
+    p_job_id uuid, p_lease_owner uuid, p_step text, p_reason text, p_detail text
+) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = public, pg_temp
+AS $$
+DECLARE
+    v_job deprovision_jobs;
+BEGIN
+    SELECT * INTO v_job FROM deprovision_jobs WHERE id = p_job_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'deprovisioning job % does not exist', p_job_id
+            USING ERRCODE = 'no_data_found', HINT = 'JOB_NOT_FOUND';
+    END IF;
+    IF v_job.state <> 'RUNNING' OR v_job.lease_owner IS DISTINCT FROM p_lease_owner THEN
+        RETURN deprovision_job_document(v_job);
+    END IF;
+    UPDATE deprovision_jobs
+    SET steps = steps || jsonb_build_object(p_step,
+            deprovision_step('FAILED', p_detail, steps -> p_step -> 'rows')),
+        state = 'FAILED',
+        error = p_reason,
+        lease_owner = NULL,
+        lease_expires_at = NULL,
+        updated_at = clock_timestamp()
+    WHERE id = p_job_id
+    RETURNING * INTO v_job;
+    RETURN deprovision_job_document(v_job);
+END
+$$;
+
+
+-- Whichever order this and 0005_api_roles are applied in: the new table has
+-- row-level security like every other, and no function is callable by PUBLIC
+-- (0005 and its default privileges grant them to service_role).
+ALTER TABLE deprovision_requests ENABLE ROW LEVEL SECURITY;
+REVOKE EXECUTE ON FUNCTION
+    deprovision_tables(),
+    deprovision_assert_tables(),
+    deprovision_step(text, text, jsonb),
+    deprovision_job_document(deprovision_jobs),
+    deprovision_leased_job(uuid, uuid),
+    deprovision_count_rows(text),
+    deprovision_plan(text),
+    deprovision_claim(text, uuid, text, uuid, double precision),
+    deprovision_record_step(uuid, uuid, text, text, text),
+    deprovision_delete_batch(uuid, uuid, int),
+    deprovision_finish(uuid, uuid),
+    deprovision_fail(uuid, uuid, text, text, text)
+FROM PUBLIC;

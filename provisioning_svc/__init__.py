@@ -1,0 +1,1 @@
+"""Provisioning service: Deprovision."""

@@ -1,0 +1,38 @@
+"""`python -m provisioning_svc`: serve ProvisioningService on PROVISIONING_LISTEN."""
+
+from __future__ import annotations
+
+import logging
+
+from provisioning_svc.servicer import ERROR_DOMAIN, provisioning_service
+from shared.entrypoint import main, run_service
+from shared.logs import kv
+from shared.settings import Settings
+
+log = logging.getLogger("provisioning_svc")
+
+
+async def serve_provisioning(settings: Settings) -> None:
+    if not settings.sendgrid_api_key:
+        log.warning(
+            kv(
+                "sendgrid_key_missing",
+                effect="subuser step skipped (dev mode)"
+                if settings.dev_mode
+                else "Deprovision answers FAILED_PRECONDITION",
+            )
+        )
+    if not settings.clients_dir.is_dir():
+        log.warning(kv("clients_dir_missing", clients_dir=settings.clients_dir.resolve()))
+    await run_service(
+        "provisioning_svc",
+        settings,
+        listen=settings.provisioning_listen,
+        metrics_listen=settings.provisioning_metrics_listen,
+        error_domain=ERROR_DOMAIN,
+        services=lambda db: [provisioning_service(db, settings)],
+    )
+
+
+if __name__ == "__main__":
+    main("provisioning_svc", serve_provisioning)

@@ -1,0 +1,43 @@
+"""Prometheus metrics of a service, served on its own HTTP port.
+
+`*_METRICS_LISTEN` (e.g. 127.0.0.1:9464) turns the endpoint on; unset, the
+metrics are still counted but not exposed.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+RPCS = Counter("rpc_requests", "RPCs handled, by method and final status code", ["method", "code"])
+RPC_SECONDS = Histogram(
+    "rpc_duration_seconds",
+    "RPC latency",
+    ["method"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+RPCS_IN_FLIGHT = Gauge("rpc_in_flight", "RPCs being handled", ["method"])
+CALL_SECONDS = Histogram(
+    "outbound_call_duration_seconds",
+    "Database and SendGrid call latency, by transport, operation and outcome",
+    ["transport", "operation", "outcome"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+DEADLINE_EXHAUSTED = Counter(
+    "deadline_exhausted", "Operations refused or cut because the deadline ran out", ["operation"]
+)
+SENDGRID_CALLS = Counter("sendgrid_calls", "SendGrid API calls, by outcome", ["outcome"])
+DEPROVISION_JOBS = Counter(
+    "deprovision_jobs", "Deprovision calls, by resulting job state", ["state"]
+)
+
+
+def serve_metrics(listen: str | None) -> int | None:
+    """Expose /metrics on `host:port` (in a daemon thread) when configured.
+
+    Returns the bound port (useful with port 0), or None when off.
+    """
+    if not listen:
+        return None
+    host, _, port = listen.rpartition(":")
+    server, _thread = start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1")
+    return int(server.server_address[1])

@@ -1,0 +1,132 @@
+"""`python -m provisioning_svc` as a real process, configured from the
+environment: a dry run and a real deprovision through it, a missing SendGrid
+key outside dev mode, and a clean stop on SIGTERM with no secret logged."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psycopg
+import pytest
+
+from shared.auth import SCOPE_TENANTS_DELETE, token_sha256
+from shared.proto_gen.provisioning.v1 import provisioning_pb2 as pb
+from shared.proto_gen.provisioning.v1 import provisioning_pb2_grpc
+from tests.factories import unique_tenant
+from tests.provisioning_fixtures import remaining_rows, seed_tenant
+from tests.rpc import bearer, error_info
+
+TOKEN = "process-provisioning-token-0123456789"
+
+
+@dataclass
+class Running:
+    process: asyncio.subprocess.Process
+    port: int = 0
+    log: str = ""
+
+    async def stop(self) -> None:
+        """SIGTERM, then the rest of its log; it must exit cleanly."""
+        self.process.send_signal(signal.SIGTERM)
+        assert self.process.stderr is not None
+        async with asyncio.timeout(15):
+            self.log += (await self.process.stderr.read()).decode()
+            assert await self.process.wait() == 0
+
+
+@asynccontextmanager
+async def provisioning_process(env: dict[str, str], tmp_path: Path) -> AsyncIterator[Running]:
+    """`python -m provisioning_svc` serving on a free port; killed if still running at the end."""
+    tokens_file = tmp_path / "tokens.toml"
+    tokens_file.write_text(
+        f'[[callers]]\nname = "ops-console"\ntoken_sha256 = "{token_sha256(TOKEN)}"\n'
+        f'scopes = ["{SCOPE_TENANTS_DELETE}"]\n'
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "provisioning_svc",
+        env={
+            **{k: v for k, v in os.environ.items() if k != "SENDGRID_API_KEY"},
+            "AUTH_TOKENS_FILE": str(tokens_file),
+            "PROVISIONING_LISTEN": "127.0.0.1:0",
+            **env,
+        },
+        stderr=asyncio.subprocess.PIPE,
+    )
+    running = Running(process)
+    try:
+        assert process.stderr is not None
+        async with asyncio.timeout(30):
+            while not running.port:
+                line = (await process.stderr.readline()).decode()
+                assert line, f"provisioning_svc exited before serving: {running.log}"
+                running.log += line
+                if match := re.search(r"serving \S+ProvisioningService on port (\d+)", line):
+                    running.port = int(match.group(1))
+        yield running
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_the_service_process_deprovisions_in_dev_mode(
+    database_url: str, sql: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    clients_dir = tmp_path / "clients"
+    clients_dir.mkdir()
+    tenant = unique_tenant("proc")
+    rows = seed_tenant(sql, tenant, sendgrid_username="proc-mail", clients_dir=clients_dir)
+    env = {"DATABASE_URL": database_url, "CLIENTS_DIR": str(clients_dir), "DEV_MODE": "1"}
+    async with provisioning_process(env, tmp_path) as service:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+            stub = provisioning_pb2_grpc.ProvisioningServiceStub(channel)
+            dry = await stub.Deprovision(
+                pb.DeprovisionRequest(tenant_id=tenant, validate_only=True),
+                metadata=bearer(TOKEN),
+                timeout=10,
+            )
+            done = await stub.Deprovision(
+                pb.DeprovisionRequest(tenant_id=tenant), metadata=bearer(TOKEN), timeout=10
+            )
+        await service.stop()
+    log = service.log
+    assert dry.state == pb.JOB_STATE_VALIDATED
+    assert dict(dry.steps[2].rows) == rows
+    assert done.state == pb.JOB_STATE_COMPLETED
+    assert done.steps[1].outcome == pb.STEP_OUTCOME_SKIPPED
+    assert remaining_rows(sql, tenant) == {}
+    assert not (clients_dir / tenant).exists()
+    assert "caller=ops-console" in log
+    assert "sendgrid_key_missing" in log
+    assert TOKEN not in log and token_sha256(TOKEN) not in log
+
+
+async def test_without_a_key_outside_dev_mode_the_process_refuses_to_start_deprovisioning(
+    database_url: str, sql: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    tenant = unique_tenant("proc")
+    seed_tenant(sql, tenant)
+    env = {"DATABASE_URL": database_url, "CLIENTS_DIR": str(tmp_path), "DEV_MODE": ""}
+    async with provisioning_process(env, tmp_path) as service:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+            stub = provisioning_pb2_grpc.ProvisioningServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Deprovision(
+                    pb.DeprovisionRequest(tenant_id=tenant), metadata=bearer(TOKEN), timeout=10
+                )
+        await service.stop()
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(caught.value).reason == "SENDGRID_NOT_CONFIGURED"
+    assert remaining_rows(sql, tenant)["tenants"] == 1

@@ -1,0 +1,123 @@
+"""`python -m crm_svc` as a real process: tokens reloaded on SIGHUP without a
+restart, the caller in its log lines, no bearer token in any of them, and a
+clean stop on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import psycopg
+import pytest_asyncio
+
+from shared.auth import token_sha256
+from shared.proto_gen.crm.v1 import crm_pb2, crm_pb2_grpc
+from tests.factories import create_tenant, unique_tenant
+from tests.rpc import bearer, error_info
+
+TOKEN_A = "process-token-aaaaaaaaaaaaaaaa"
+TOKEN_B = "process-token-bbbbbbbbbbbbbbbb"
+
+
+def tokens_toml(name: str, token: str) -> str:
+    return (
+        f'[[callers]]\nname = "{name}"\ntoken_sha256 = "{token_sha256(token)}"\n'
+        'scopes = ["crm.pipeline.read"]\n'
+    )
+
+
+@dataclass
+class Service:
+    process: asyncio.subprocess.Process
+    port: int
+    tokens_file: Path
+    log: list[str] = field(default_factory=list)
+
+    async def read_until(self, pattern: str, timeout_s: float = 10.0) -> re.Match[str]:
+        assert self.process.stderr is not None
+        async with asyncio.timeout(timeout_s):
+            while True:
+                for line in self.log:
+                    if match := re.search(pattern, line):
+                        return match
+                raw = await self.process.stderr.readline()
+                if not raw:
+                    raise AssertionError(f"service exited before logging {pattern!r}: {self.log}")
+                self.log.append(raw.decode())
+
+
+@pytest_asyncio.fixture
+async def service(database_url: str, tmp_path: Path) -> AsyncIterator[Service]:
+    tokens_file = tmp_path / "tokens.toml"
+    tokens_file.write_text(tokens_toml("caller-a", TOKEN_A))
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "AUTH_TOKENS_FILE": str(tokens_file),
+        "CRM_LISTEN": "127.0.0.1:0",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "crm_svc", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    service = Service(process, 0, tokens_file)
+    match = await service.read_until(r"serving crm\.v1\.CrmService on port (\d+)")
+    service.port = int(match.group(1))
+    yield service
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+
+
+async def summary(port: int, tenant: str, token: str) -> grpc.StatusCode:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            await crm_pb2_grpc.CrmServiceStub(channel).PipelineSummary(
+                crm_pb2.PipelineSummaryRequest(tenant_id=tenant), metadata=bearer(token), timeout=5
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                assert error_info(error).reason == "INVALID_CREDENTIALS"
+            return error.code()
+    return grpc.StatusCode.OK
+
+
+async def test_tokens_reload_on_sighup_and_logs_stay_clean(
+    service: Service, sql: psycopg.Connection[object]
+) -> None:
+    tenant = unique_tenant()
+    create_tenant(sql, tenant)
+    assert await summary(service.port, tenant, TOKEN_A) == grpc.StatusCode.OK
+    assert await summary(service.port, tenant, TOKEN_B) == grpc.StatusCode.UNAUTHENTICATED
+
+    service.tokens_file.write_text(tokens_toml("caller-b", TOKEN_B))
+    service.process.send_signal(signal.SIGHUP)
+    await service.read_until(r"tokens file reloaded: 1 caller")
+    assert await summary(service.port, tenant, TOKEN_A) == grpc.StatusCode.UNAUTHENTICATED
+    assert await summary(service.port, tenant, TOKEN_B) == grpc.StatusCode.OK
+
+    # A broken file keeps the callers that work.
+    service.tokens_file.write_text("[[callers]\n")
+    service.process.send_signal(signal.SIGHUP)
+    await service.read_until(r"tokens file not reloaded")
+    assert await summary(service.port, tenant, TOKEN_B) == grpc.StatusCode.OK
+
+    service.process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(10):
+        assert await service.process.wait() == 0
+    assert service.process.stderr is not None
+    service.log += [line.decode() for line in (await service.process.stderr.read()).splitlines()]
+
+    rpc_lines = [line for line in service.log if " rpc method=" in line]
+    assert any("caller=caller-a" in line and "code=OK" in line for line in rpc_lines)
+    assert any("caller=caller-b" in line and "code=OK" in line for line in rpc_lines)
+    assert any("caller=- " in line and "code=UNAUTHENTICATED" in line for line in rpc_lines)
+    log_text = "".join(service.log)
+    for secret in (TOKEN_A, TOKEN_B, token_sha256(TOKEN_A), token_sha256(TOKEN_B)):
+        assert secret not in log_text

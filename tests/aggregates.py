@@ -1,4 +1,4 @@
-"""Checks of the pipeline aggregates (migration 0006) shared by their tests."""
+"""Checks of the pipeline aggregates (migrations 0006 and 0007) shared by their tests."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from typing import Any
 
 import psycopg
 
+# The tables that hold the aggregates; pipeline_deltas holds what they do not yet.
 AGGREGATE_TABLES = (
-    "pipeline_emails",
     "pipeline_email_clients",
     "pipeline_email_quotes",
     "pipeline_stage_clients",
@@ -25,9 +25,28 @@ def summaries(conn: psycopg.Connection[Any], tenant_id: str) -> tuple[Any, Any]:
     return row[0], row[1]
 
 
-def assert_exact(conn: psycopg.Connection[Any], tenant_id: str) -> None:
-    """The summary equals the recomputation (amount strings included) and every
-    aggregate row equals its recomputation."""
+def compact(conn: psycopg.Connection[Any]) -> int:
+    """Fold every committed delta (and this transaction's) into the aggregates,
+    as the CRM service's compactor does; return how many were folded."""
+    folded = 0
+    while True:
+        row = conn.execute("SELECT pipeline_compact(100000)").fetchone()
+        assert row is not None
+        folded += int(row[0]["compacted"])
+        assert row[0]["busy"] == 0, row[0]
+        if not row[0]["more"]:
+            return folded
+
+
+def pending_deltas(conn: psycopg.Connection[Any], tenant_id: str) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM pipeline_deltas WHERE tenant_id = %s", (tenant_id,)
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def verify(conn: psycopg.Connection[Any], tenant_id: str) -> None:
     aggregated, recomputed = summaries(conn, tenant_id)
     assert aggregated == recomputed, f"{tenant_id}: summary differs from the full scan"
     row = conn.execute("SELECT pipeline_verify(%s)", (tenant_id,)).fetchone()
@@ -38,23 +57,25 @@ def assert_exact(conn: psycopg.Connection[Any], tenant_id: str) -> None:
     assert set(check["mismatched_rows"].values()) == {0}, check["mismatched_rows"]
 
 
+def assert_exact(conn: psycopg.Connection[Any], tenant_id: str, *, compacted: bool = True) -> None:
+    """The summary equals the recomputation (amount strings included) and every
+    aggregate row equals its recomputation: first with the pending deltas read
+    alongside the aggregates, then (unless `compacted` is False) once they are
+    folded in, when the stored rows alone must be exact."""
+    verify(conn, tenant_id)
+    if compacted:
+        compact(conn)
+        assert pending_deltas(conn, tenant_id) == 0
+        verify(conn, tenant_id)
+
+
 def aggregate_rows(
     conn: psycopg.Connection[Any], tenant_id: str
 ) -> dict[str, list[tuple[Any, ...]]]:
-    """Every aggregate row of a tenant, table by table, in key order."""
+    """Every stored aggregate row of a tenant, table by table, in key order."""
     return {
         table: conn.execute(
             f"SELECT * FROM {table} WHERE tenant_id = %s ORDER BY 1, 2, 3", (tenant_id,)
         ).fetchall()
         for table in AGGREGATE_TABLES
     }
-
-
-def pending_rows(conn: psycopg.Connection[Any]) -> int:
-    """Deltas left in this session's pending table (none once a transaction is over)."""
-    exists = conn.execute("SELECT to_regclass('pg_temp.pipeline_pending') IS NOT NULL").fetchone()
-    if exists is None or not exists[0]:
-        return 0
-    row = conn.execute("SELECT count(*) FROM pg_temp.pipeline_pending").fetchone()
-    assert row is not None
-    return int(row[0])

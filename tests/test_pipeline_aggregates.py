@@ -1,5 +1,6 @@
-"""The pipeline aggregates (migration 0006): semantics at the edges, the
-deprovisioning rule, rebuilds, and the `python -m crm_svc verify` command."""
+"""The pipeline aggregates (migrations 0006 and 0007): semantics at the edges,
+the delta log and its compaction, the deprovisioning rule, rebuilds, and the
+`python -m crm_svc verify` command."""
 
 from __future__ import annotations
 
@@ -15,7 +16,14 @@ from psycopg import errors
 
 from crm_svc import verify
 from shared.database.postgres import PostgresDatabase
-from tests.aggregates import AGGREGATE_TABLES, aggregate_rows, assert_exact, summaries
+from tests.aggregates import (
+    AGGREGATE_TABLES,
+    aggregate_rows,
+    assert_exact,
+    compact,
+    pending_deltas,
+    summaries,
+)
 from tests.factories import add_clients, add_quotes, create_tenant, unique_tenant
 
 
@@ -89,8 +97,9 @@ def test_updates_of_price_currency_email_and_stage(
     sql.execute("DELETE FROM clients WHERE tenant_id = %s AND id = %s", (tenant, client))
     sql.execute("DELETE FROM quotes WHERE tenant_id = %s", (tenant,))
     assert_exact(sql, tenant)
-    # Nothing left behind: rows at zero are deleted.
+    # Nothing left behind: rows at zero are deleted, every delta is folded in.
     assert all(rows == [] for rows in aggregate_rows(sql, tenant).values())
+    assert pending_deltas(sql, tenant) == 0
 
 
 def test_the_summary_reads_no_client_or_quote_row(
@@ -112,16 +121,88 @@ def test_the_summary_reads_no_client_or_quote_row(
     assert stage(row[0], "PAID")["value"] == [{"currency": "EUR", "amount": "1.00"}]
 
 
-def test_a_writing_transaction_sees_its_changes_once_committed(
+class Abandoned(Exception):
+    """Raised to roll a transaction back."""
+
+
+def test_a_writing_transaction_sees_its_own_changes(
     sql: psycopg.Connection[Any], tenant: str
 ) -> None:
-    """The aggregates are applied at commit: inside the writing transaction the
-    summary does not count its own rows yet (documented in the migration)."""
+    """Deltas are written with the rows: inside the writing transaction the
+    summary counts them, and a rollback takes both away."""
     with sql.transaction():
         add_clients(sql, tenant, [("a@x.io", "QUOTED")])
+        add_quotes(sql, tenant, [("A@x.io", Decimal("7.00"), "EUR")])
         inside, recomputed = summaries(sql, tenant)
-        assert inside["total_clients"] == 0
-        assert recomputed["total_clients"] == 1
+        assert inside == recomputed
+        assert inside["total_clients"] == 1
+    with pytest.raises(Abandoned), sql.transaction():
+        add_clients(sql, tenant, [("b@x.io", "PAID")])
+        compact(sql)  # folded inside the transaction, undone with it
+        raise Abandoned
+    aggregated, _ = summaries(sql, tenant)
+    assert aggregated["total_clients"] == 1
+    assert_exact(sql, tenant)
+
+
+def test_writes_touch_no_aggregate_row_until_compacted(
+    sql: psycopg.Connection[Any], tenant: str
+) -> None:
+    """A write only appends to the log; the summary reads the log's pending
+    deltas on top of the stored rows; compaction moves them there exactly once."""
+    add_clients(sql, tenant, [("a@x.io", "PAID"), ("b@x.io", "LOST"), (None, "QUOTED")])
+    add_quotes(sql, tenant, [("a@x.io", Decimal("2.50"), "EUR"), ("b@x.io", None, "EUR")])
+    assert all(rows == [] for rows in aggregate_rows(sql, tenant).values())
+    assert pending_deltas(sql, tenant) == 4  # three client keys, one priced quote
+    before, recomputed = summaries(sql, tenant)
+    assert before == recomputed
+    assert compact(sql) >= 4
+    assert pending_deltas(sql, tenant) == 0
+    assert aggregate_rows(sql, tenant)["pipeline_stage_values"] == [
+        (tenant, "PAID", "EUR", Decimal("2.50"), 1)
+    ]
+    assert summaries(sql, tenant)[0] == before
+    assert compact(sql) == 0  # nothing twice
+    assert summaries(sql, tenant)[0] == before
+
+
+def test_compaction_skips_a_tenant_another_compactor_holds(
+    database_url: str, sql: psycopg.Connection[Any], tenant: str
+) -> None:
+    add_clients(sql, tenant, [("a@x.io", "PAID")])
+    with psycopg.connect(database_url) as holder:
+        holder.execute(
+            "SELECT pg_advisory_xact_lock(pipeline_lock_space(), pipeline_tenant_lock_key(%s))",
+            (tenant,),
+        )
+        row = sql.execute("SELECT pipeline_compact(100000)").fetchone()
+        assert row is not None and row[0]["busy"] >= 1
+        assert pending_deltas(sql, tenant) == 1
+        holder.rollback()
+    assert_exact(sql, tenant)
+
+
+def test_compaction_batches_and_rejects_a_bad_batch_size(
+    sql: psycopg.Connection[Any], tenant: str
+) -> None:
+    add_clients(sql, tenant, [(f"c{i}@x.io", "QUOTED") for i in range(5)])
+    add_clients(sql, tenant, [(f"c{i}@x.io", "BOOKED") for i in range(5)])
+    compact(sql)
+    for i in range(7):
+        sql.execute(
+            "UPDATE clients SET pipeline_stage = 'PAID' WHERE tenant_id = %s AND email = %s",
+            (tenant, f"c{i % 5}@x.io"),
+        )
+    waiting = pending_deltas(sql, tenant)
+    row = sql.execute("SELECT pipeline_compact(3)").fetchone()
+    assert row is not None
+    assert row[0]["more"] is True
+    assert pending_deltas(sql, tenant) == waiting - 3
+    assert_exact(sql, tenant, compacted=False)
+    for bad in (0, -1, None):
+        with pytest.raises(errors.InvalidParameterValue) as caught:
+            sql.execute("SELECT pipeline_compact(%s)", (bad,))
+        assert caught.value.diag.message_hint == "INVALID_BATCH_SIZE"
     assert_exact(sql, tenant)
 
 
@@ -157,18 +238,22 @@ def test_a_tenant_being_deprovisioned_is_not_maintained_and_can_be_removed(
     add_quotes(
         sql, tenant, [("a@x.io", Decimal("3.00"), "EUR"), ("b@x.io", Decimal("4.00"), "USD")]
     )
+    compact(sql)
     sql.execute("UPDATE tenants SET status = 'deprovisioning' WHERE id = %s", (tenant,))
     before = aggregate_rows(sql, tenant)
     assert before["pipeline_stage_values"] != []
     sql.execute("DELETE FROM quotes WHERE tenant_id = %s", (tenant,))
     sql.execute("DELETE FROM clients WHERE tenant_id = %s", (tenant,))
+    assert pending_deltas(sql, tenant) == 0  # deleting its rows logs nothing
     add_clients(sql, tenant, [("late@x.io", "QUOTED")])  # written despite the mark
+    assert pending_deltas(sql, tenant) == 1
+    compact(sql)  # skips the tenant
+    assert pending_deltas(sql, tenant) == 1
     assert aggregate_rows(sql, tenant) == before
-    # Every aggregate table is tenant data for deprovisioning; the work tables are not.
-    assert set(AGGREGATE_TABLES) <= tenant_tables(sql)
-    assert "pipeline_apply_queue" not in tenant_tables(sql)
+    # Every aggregate table and the log are tenant data for deprovisioning.
+    assert {*AGGREGATE_TABLES, "pipeline_deltas"} <= tenant_tables(sql)
     sql.execute("DELETE FROM clients WHERE tenant_id = %s", (tenant,))
-    for table in (*AGGREGATE_TABLES, "tenant_settings"):
+    for table in (*AGGREGATE_TABLES, "pipeline_deltas", "tenant_settings"):
         sql.execute(f"DELETE FROM {table} WHERE tenant_id = %s", (tenant,))
     sql.execute("DELETE FROM tenants WHERE id = %s", (tenant,))
     assert sql.execute("SELECT count(*) FROM tenants WHERE id = %s", (tenant,)).fetchone() == (0,)
@@ -192,6 +277,8 @@ def test_rebuild_of_one_tenant(sql: psycopg.Connection[Any], tenant: str) -> Non
     for t in (tenant, other):
         add_clients(sql, t, [("a@x.io", "NEGOTIATING")])
         add_quotes(sql, t, [("a@x.io", Decimal("8.00"), "EUR")])
+    compact(sql)
+    add_clients(sql, tenant, [("b@x.io", "PAID")])  # pending: the rebuild counts it once
     others_rows = aggregate_rows(sql, other)
     sql.execute("DELETE FROM pipeline_stage_values WHERE tenant_id = %s", (tenant,))
     sql.execute("UPDATE pipeline_stage_clients SET clients = 42 WHERE tenant_id = %s", (tenant,))
@@ -206,6 +293,7 @@ def drift_tenant(sql: psycopg.Connection[Any]) -> str:
     create_tenant(sql, tenant_id)
     add_clients(sql, tenant_id, [("a@x.io", "QUOTED")])
     add_quotes(sql, tenant_id, [("a@x.io", Decimal("2.00"), "EUR")])
+    compact(sql)
     sql.execute(
         "UPDATE pipeline_stage_clients SET clients = clients + 1"
         " WHERE tenant_id = %s AND stage = 'QUOTED'",

@@ -1,9 +1,10 @@
 """Concurrent writers in one tenant: the aggregates stay exact and nobody deadlocks.
 
-Real connections in threads. The aggregates are applied at commit in one
-fixed lock order, so statements may interleave in any order without a
-deadlock; a client and a quote for the same email committed at the same time
-are both counted against each other (the email row serializes them).
+Real connections in threads. Writers only append deltas to pipeline_deltas
+(no aggregate row is locked by a write), and a compactor folds committed
+deltas in, one compactor per tenant at a time; so statements may interleave in
+any order without a deadlock, and a client and a quote for the same email
+committed at the same time are both counted against each other.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from tests.aggregates import assert_exact, summaries
+from tests.aggregates import assert_exact, compact, pending_deltas, summaries
 from tests.factories import add_clients, add_quotes, create_tenant, unique_tenant
 
 STAGES = ["QUOTED", "NEGOTIATING", "BOOKED", "PAID", "TRAVELLED", "LOST"]
@@ -59,8 +60,8 @@ def test_statements_interleaved_in_opposite_orders_do_not_deadlock(
     database_url: str, sql: psycopg.Connection[Any]
 ) -> None:
     """A touches QUOTED then BOOKED, B touches BOOKED then QUOTED, statement by
-    statement, in the same emails in opposite orders. Row locks taken by each
-    statement would deadlock; locks taken at commit, in key order, cannot."""
+    statement, in the same emails in opposite orders. Row locks on the
+    aggregates taken by each statement would deadlock; appending deltas cannot."""
     tenant = unique_tenant("interleave")
     create_tenant(sql, tenant)
     add_quotes(
@@ -131,11 +132,11 @@ def test_a_client_and_a_quote_of_one_email_committed_together_are_both_counted(
     assert_exact(sql, tenant)
 
 
-def test_repeatable_read_writers_get_a_serialization_failure_not_a_wrong_total(
+def test_repeatable_read_writers_both_commit_with_exact_totals(
     database_url: str, sql: psycopg.Connection[Any]
 ) -> None:
-    """Under REPEATABLE READ the second commit cannot see the first one's client:
-    it must fail (40001, retryable) rather than miss the cross term."""
+    """Under REPEATABLE READ neither writer sees the other's row; their deltas
+    are independent, so both commit and the cross term is still counted."""
     tenant = unique_tenant("rr")
     create_tenant(sql, tenant)
     with connections(database_url, 2) as (a, b):
@@ -152,9 +153,23 @@ def test_repeatable_read_writers_get_a_serialization_failure_not_a_wrong_total(
             (tenant,),
         )
         a.commit()
-        with pytest.raises(errors.SerializationFailure):
-            b.commit()
+        b.commit()
+    aggregated, _ = summaries(sql, tenant)
+    booked = next(s for s in aggregated["stages"] if s["stage"] == "BOOKED")
+    assert booked["value"] == [{"currency": "USD", "amount": "7.00"}]
     assert_exact(sql, tenant)
+
+
+def test_compaction_refuses_to_run_on_a_stale_snapshot(
+    database_url: str, sql: psycopg.Connection[Any]
+) -> None:
+    """Compaction reads the aggregates as the last compaction left them: under
+    REPEATABLE READ it could read an older state, so it refuses."""
+    with connections(database_url, 1) as (conn,):
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        with pytest.raises(errors.ObjectNotInPrerequisiteState) as caught:
+            conn.execute("SELECT pipeline_compact()")
+        assert caught.value.diag.message_hint == "READ_COMMITTED_REQUIRED"
 
 
 def test_many_writers_with_rollbacks_keep_the_totals_exact(
@@ -233,20 +248,50 @@ def test_many_writers_with_rollbacks_keep_the_totals_exact(
 
             return go
 
-        failures = run_together(*(writer(c, seed) for seed, c in enumerate(conns)))
+        done = threading.Event()
+
+        def compactor() -> None:
+            # As the CRM service does, but without pausing.
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                while not done.is_set():
+                    row = conn.execute("SELECT pipeline_compact(50)").fetchone()
+                    assert row is not None
+                    compactions.append(row[0]["compacted"])
+
+        def writers_then_done() -> None:
+            try:
+                failures.extend(run_together(*(writer(c, seed) for seed, c in enumerate(conns))))
+            finally:
+                done.set()
+
+        compactions: list[int] = []
+        failures: list[BaseException] = []
+        assert run_together(writers_then_done, compactor) == []
     assert failures == [], failures
+    assert sum(compactions) > 0  # the compactor did fold deltas in while they wrote
     assert_exact(sql, tenant)
+
+
+AGGREGATES_AND_LOG = (
+    "pipeline_stage_values",
+    "pipeline_stage_clients",
+    "pipeline_email_quotes",
+    "pipeline_email_clients",
+    "pipeline_deltas",
+)
 
 
 def test_a_commit_racing_a_status_change_does_not_resurrect_aggregates(
     database_url: str, sql: psycopg.Connection[Any]
 ) -> None:
-    """A writer staged deltas while the tenant was active; the tenant is marked
-    'deprovisioning' before the writer commits: the commit applies nothing, so
-    once the data and the aggregate rows are deleted the tenant row can go."""
+    """A writer logged a delta while the tenant was active; the tenant is marked
+    'deprovisioning' and its aggregates deleted before the writer commits:
+    compaction leaves the late delta alone, so once the data, the aggregate rows
+    and the log are deleted the tenant row can go."""
     tenant = unique_tenant("race")
     create_tenant(sql, tenant)
     add_clients(sql, tenant, [("late@x.io", "QUOTED")])
+    compact(sql)
     with connections(database_url, 1) as (writer,):
         writer.execute(
             "INSERT INTO quotes (tenant_id, customer_email, total_price, currency)"
@@ -254,27 +299,58 @@ def test_a_commit_racing_a_status_change_does_not_resurrect_aggregates(
             (tenant,),
         )
         sql.execute("UPDATE tenants SET status = 'deprovisioning' WHERE id = %s", (tenant,))
-        for table in (
-            "pipeline_stage_values",
-            "pipeline_stage_clients",
-            "pipeline_email_quotes",
-            "pipeline_email_clients",
-            "pipeline_emails",
-        ):
+        for table in AGGREGATES_AND_LOG:
             sql.execute(f"DELETE FROM {table} WHERE tenant_id = %s", (tenant,))
         writer.commit()
+    compact(sql)
+    assert pending_deltas(sql, tenant) == 1
     sql.execute("DELETE FROM quotes WHERE tenant_id = %s", (tenant,))
     sql.execute("DELETE FROM clients WHERE tenant_id = %s", (tenant,))
-    for table in (
-        "pipeline_stage_values",
-        "pipeline_stage_clients",
-        "pipeline_email_quotes",
-        "pipeline_email_clients",
-        "pipeline_emails",
-    ):
+    for table in AGGREGATES_AND_LOG[:-1]:
         row = sql.execute(
             f"SELECT count(*) FROM {table} WHERE tenant_id = %s", (tenant,)
         ).fetchone()
         assert row == (0,), table
+    sql.execute("DELETE FROM pipeline_deltas WHERE tenant_id = %s", (tenant,))
     sql.execute("DELETE FROM tenant_settings WHERE tenant_id = %s", (tenant,))
     sql.execute("DELETE FROM tenants WHERE id = %s", (tenant,))
+
+
+def test_a_delete_waiting_for_a_reactivation_is_counted(
+    database_url: str, sql: psycopg.Connection[Any]
+) -> None:
+    """A delete sees the tenant 'deprovisioning' (nothing to log) while another
+    transaction is making it active again and rebuilding its aggregates without
+    that delete: the delete waits for the tenant lock, reads the status again,
+    and logs its delta after all."""
+    tenant = unique_tenant("back")
+    create_tenant(sql, tenant)
+    add_clients(sql, tenant, [("a@x.io", "PAID"), ("b@x.io", "PAID")])
+    add_quotes(sql, tenant, [("a@x.io", Decimal("4.00"), "EUR")])
+    sql.execute("UPDATE tenants SET status = 'deprovisioning' WHERE id = %s", (tenant,))
+    with connections(database_url, 2) as (reactivation, deleter):
+        reactivation.execute("UPDATE tenants SET status = 'active' WHERE id = %s", (tenant,))
+        deleter_pid = deleter.info.backend_pid
+
+        def delete() -> None:
+            deleter.execute(
+                "DELETE FROM clients WHERE tenant_id = %s AND email = 'a@x.io'", (tenant,)
+            )
+            deleter.commit()
+
+        def reactivate_once_the_delete_waits() -> None:
+            for _ in range(500):
+                row = sql.execute(
+                    "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (deleter_pid,)
+                ).fetchone()
+                if row == ("Lock",):
+                    break
+                threading.Event().wait(0.01)
+            else:
+                raise AssertionError("the delete never waited for the tenant lock")
+            reactivation.commit()
+
+        assert run_together(delete, reactivate_once_the_delete_waits) == []
+    aggregated, _ = summaries(sql, tenant)
+    assert aggregated["total_clients"] == 1
+    assert_exact(sql, tenant)

@@ -359,9 +359,13 @@ DECLARE
     v_zero_stages text[];
     v_zero_values text[][];
 BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'pipeline_compact must run under READ COMMITTED'
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'READ_COMMITTED_REQUIRED';
+    END IF;
     IF p_max_deltas IS NULL OR p_max_deltas < 1 THEN
         RAISE EXCEPTION 'p_max_deltas must be at least 1'
-            USING ERRCODE = 'invalid_parameter_value', HINT = 'INVALID_ARGUMENT';
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'INVALID_BATCH_SIZE';
     END IF;
 
     -- The tenants with deltas: one index probe per tenant (a loose index scan).

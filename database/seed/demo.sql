@@ -82,4 +82,8 @@ JOIN new_tenants n ON n.id = c.tenant_id;
 INSERT INTO notifications (tenant_id, message)
 SELECT id, 'Welcome to the CRM' FROM new_tenants;
 
+-- Fold the demo rows' deltas into the pipeline aggregates now, as the CRM
+-- service's compactor would shortly after: the demo starts compacted.
+SELECT pipeline_compact(100000);
+
 COMMIT;

@@ -326,13 +326,19 @@ AS $$
 $$;
 
 
--- 3. Compaction: fold up to p_max_deltas committed deltas into the
--- aggregates, spread over the tenants that have some (each gets an equal
--- share, so a busy tenant cannot starve the others). A tenant whose lock is
--- held (another compactor, a rebuild, a status change) is skipped. Returns
--- {"compacted": deltas applied, "tenants": tenants compacted, "busy": tenants
--- skipped, "more": whether deltas are left for another call}. Run it under
--- READ COMMITTED (the default): each statement must see what committed before it.
+-- 3. Compaction: fold about p_max_deltas committed deltas into the
+-- aggregates, spread over the tenants that have some: each tenant taken gets
+-- an equal share of the batch, and when more tenants wait than one call takes
+-- (c_max_tenants, or p_max_deltas if smaller) a random sample of them is taken,
+-- so no tenant is starved. Tenants being deprovisioned are left out (their
+-- deltas wait for deprovisioning to delete them); a tenant whose lock is held
+-- (another compactor, a rebuild, a status change) is skipped; the deltas of a
+-- tenant that no longer exists are discarded. A tenant's share is cut by delta
+-- id, so it can also take a few deltas that commit while the call runs.
+-- Returns {"compacted": deltas applied, "tenants": tenants compacted, "busy":
+-- tenants skipped, "discarded": deltas of tenants gone, "more": whether a
+-- tenant had more than its share}. Run it under READ COMMITTED (the default):
+-- each statement must see what committed before it.
 -- enable_seqscan off: a batch touches a few keys of large aggregate tables,
 -- which index probes find; left alone the planner may hash a whole table.
 
@@ -349,6 +355,8 @@ DECLARE
     v_tenant text;
     v_status text;
     v_busy integer := 0;
+    v_limit integer;
+    v_discarded bigint := 0;
     v_share integer;
     v_upto bigint;
     v_picked bigint;
@@ -368,7 +376,9 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value', HINT = 'INVALID_BATCH_SIZE';
     END IF;
 
-    -- The tenants with deltas: one index probe per tenant (a loose index scan).
+    -- The tenants with deltas (one index probe each: a loose index scan),
+    -- except those being deprovisioned; a random sample if there are too many.
+    v_limit := least(c_max_tenants, p_max_deltas);
     v_candidates := ARRAY(
         WITH RECURSIVE t (id) AS (
             SELECT min(tenant_id) FROM pipeline_deltas
@@ -376,10 +386,13 @@ BEGIN
             SELECT (SELECT min(d.tenant_id) FROM pipeline_deltas d WHERE d.tenant_id > t.id)
             FROM t WHERE t.id IS NOT NULL
         )
-        SELECT id FROM t WHERE id IS NOT NULL LIMIT c_max_tenants + 1);
-    v_more := cardinality(v_candidates) > c_max_tenants;
+        SELECT t.id FROM t LEFT JOIN tenants x ON x.id = t.id
+        WHERE t.id IS NOT NULL AND x.status IS DISTINCT FROM 'deprovisioning'
+        ORDER BY random()
+        LIMIT v_limit + 1);
+    v_more := cardinality(v_candidates) > v_limit;
 
-    FOREACH v_tenant IN ARRAY v_candidates[1:c_max_tenants] LOOP
+    FOREACH v_tenant IN ARRAY v_candidates[1:v_limit] LOOP
         IF NOT pg_try_advisory_xact_lock(pipeline_lock_space(), pipeline_tenant_lock_key(v_tenant)) THEN
             v_busy := v_busy + 1;
         ELSE
@@ -388,13 +401,16 @@ BEGIN
             IF v_status IS NULL THEN
                 -- The tenant is gone: what it left here counts for nothing.
                 DELETE FROM pipeline_deltas WHERE tenant_id = v_tenant;
+                GET DIAGNOSTICS v_picked = ROW_COUNT;
+                v_discarded := v_discarded + v_picked;
             ELSIF v_status <> 'deprovisioning' THEN
                 v_tenants := v_tenants || v_tenant;
             END IF;
         END IF;
     END LOOP;
     IF cardinality(v_tenants) = 0 THEN
-        RETURN jsonb_build_object('compacted', 0, 'tenants', 0, 'busy', v_busy, 'more', v_more);
+        RETURN jsonb_build_object('compacted', 0, 'tenants', 0, 'busy', v_busy,
+                                  'discarded', v_discarded, 'more', v_more);
     END IF;
     v_share := greatest(p_max_deltas / cardinality(v_tenants), 1);
 
@@ -476,7 +492,7 @@ BEGIN
     END LOOP;
 
     RETURN jsonb_build_object('compacted', v_compacted, 'tenants', cardinality(v_tenants),
-                              'busy', v_busy, 'more', v_more);
+                              'busy', v_busy, 'discarded', v_discarded, 'more', v_more);
 END
 $$;
 

@@ -47,7 +47,11 @@ class Compaction:
 
 
 async def compact_pipeline(db: Database, deadline: Deadline, *, max_deltas: int) -> Compaction:
-    """Fold up to `max_deltas` committed deltas into the aggregates (one transaction)."""
+    """Fold committed deltas into the aggregates, in one transaction.
+
+    `max_deltas` is shared by the tenants with deltas (up to 200 per call), at
+    least one each, so with many tenants a call may fold a few more.
+    """
     document = await db.call(
         OPERATION, {"p_max_deltas": max_deltas}, deadline, cap_s=deadline.remaining()
     )

@@ -1,4 +1,6 @@
-"""`python -m crm_svc`: serve CrmService on CRM_LISTEN.
+"""`python -m crm_svc`: serve CrmService on CRM_LISTEN, and compact the
+pipeline delta log in the background (crm_svc/compaction.py;
+CRM_PIPELINE_COMPACT_INTERVAL_S=0 turns that off).
 
 `python -m crm_svc verify [--tenant T] [--repair]`: compare the pipeline
 aggregates with a full recomputation (see crm_svc/verify.py).
@@ -8,15 +10,40 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 
 from crm_svc import verify
+from crm_svc.compaction import run_compactor
 from crm_svc.servicer import ERROR_DOMAIN, crm_service
+from shared.database import Database
 from shared.database.connect import open_database
 from shared.entrypoint import main, run_service
 from shared.errors import ServiceError
-from shared.logs import configure_logging
+from shared.logs import configure_logging, kv
+from shared.server import BackgroundTask
 from shared.settings import Settings
+
+log = logging.getLogger("crm_svc")
+
+
+def background_tasks(db: Database, settings: Settings) -> list[BackgroundTask]:
+    if settings.crm_pipeline_compact_interval_s <= 0:
+        log.warning(
+            kv("pipeline_compactor_off", setting="CRM_PIPELINE_COMPACT_INTERVAL_S", value=0)
+        )
+        return []
+    return [
+        BackgroundTask(
+            "pipeline_compactor",
+            lambda: run_compactor(
+                db,
+                interval_s=settings.crm_pipeline_compact_interval_s,
+                max_deltas=settings.crm_pipeline_compact_batch,
+                budget_s=settings.crm_pipeline_compact_timeout_s,
+            ),
+        )
+    ]
 
 
 async def serve_crm(settings: Settings) -> None:
@@ -27,6 +54,7 @@ async def serve_crm(settings: Settings) -> None:
         metrics_listen=settings.crm_metrics_listen,
         error_domain=ERROR_DOMAIN,
         services=lambda db: [crm_service(db, settings.crm_default_deadline_s)],
+        background=lambda db: background_tasks(db, settings),
     )
 
 

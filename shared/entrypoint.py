@@ -14,7 +14,7 @@ from shared.database.connect import open_database
 from shared.errors import ServiceError
 from shared.logs import configure_logging
 from shared.metrics import serve_metrics
-from shared.server import Service, create_server, serve
+from shared.server import BackgroundTask, Service, create_server, serve
 from shared.settings import Settings
 
 
@@ -26,8 +26,13 @@ async def run_service(
     metrics_listen: str | None,
     error_domain: str,
     services: Callable[[Database], Sequence[Service]],
+    background: Callable[[Database], Sequence[BackgroundTask]] | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT; SIGHUP re-reads the tokens file."""
+    """Serve until SIGTERM/SIGINT; SIGHUP re-reads the tokens file.
+
+    `background(db)` names work to run beside the server (started once it
+    serves, cancelled and awaited when shutdown begins, before the database
+    closes)."""
     if settings.auth_tokens_file is None:
         sys.exit("AUTH_TOKENS_FILE is not set: every call needs a caller listed there (see README)")
     tokens = TokenFile(settings.auth_tokens_file)
@@ -43,7 +48,11 @@ async def run_service(
             tls=settings.server_tls,
             allow_insecure=settings.allow_insecure,
         )
-        await serve(handle, on_hangup=tokens.reload)
+        await serve(
+            handle,
+            on_hangup=tokens.reload,
+            background=background(db) if background is not None else (),
+        )
     finally:
         await db.close()
 

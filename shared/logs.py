@@ -37,6 +37,10 @@ def configure_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # httpx logs every request at INFO: one line per database call on the REST
+    # transport, several a second with background compaction. Our own lines
+    # already cover slow and failed calls.
+    logging.getLogger("httpx").setLevel(max(level, logging.WARNING))
 
 
 def kv(event: str, **fields: Any) -> str:

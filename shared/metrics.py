@@ -30,6 +30,19 @@ DEPROVISION_JOBS = Counter(
     "deprovision_jobs", "Deprovision calls, by resulting job state", ["state"]
 )
 
+# The CRM service's background compaction of the pipeline delta log. Its
+# database calls are in outbound_call_duration_seconds{operation="pipeline_compact"}.
+PIPELINE_DELTAS_COMPACTED = Counter(
+    "pipeline_deltas_compacted", "Pipeline deltas folded into the aggregates"
+)
+PIPELINE_COMPACTION_ERRORS = Counter(
+    "pipeline_compaction_errors", "Failed pipeline compaction calls, by reason", ["reason"]
+)
+PIPELINE_COMPACTION_LAST_SUCCESS = Gauge(
+    "pipeline_compaction_last_success_timestamp_seconds",
+    "Unix time of the last successful pipeline compaction call (alert when it stops moving)",
+)
+
 
 def serve_metrics(listen: str | None) -> int | None:
     """Expose /metrics on `host:port` (in a daemon thread) when configured.

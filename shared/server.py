@@ -3,7 +3,9 @@
 `create_server(listen, services, ...)` builds a server with health (which
 follows the database's reachability), reflection, auth, the error mapping and
 the access log; tests reuse it with port 0. `serve()` runs one until SIGTERM/SIGINT, then drains: health goes
-NOT_SERVING first, then `stop(grace)` lets in-flight calls finish.
+NOT_SERVING first, then `stop(grace)` lets in-flight calls finish. Background
+work a service runs beside its server (`BackgroundTask`) starts once the
+server serves and is cancelled, and awaited, when shutdown begins.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import asyncio
 import ipaddress
 import logging
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -52,6 +55,53 @@ class Service:
 
     name: str
     register: Callable[[grpc.aio.Server], None]
+
+
+@dataclass(frozen=True)
+class BackgroundTask:
+    """Work a service does beside serving RPCs, e.g. periodic maintenance.
+
+    `run()` should loop until cancelled; `serve()` starts it once the server
+    serves, and cancels and awaits it when shutdown begins.
+    """
+
+    name: str
+    run: Callable[[], Coroutine[Any, Any, None]]
+
+
+# How long shutdown waits for cancelled background tasks to finish.
+BACKGROUND_STOP_TIMEOUT_S = 5.0
+
+
+def start_background(tasks: Sequence[BackgroundTask]) -> list[asyncio.Task[None]]:
+    started = []
+    for task in tasks:
+        running = asyncio.create_task(task.run(), name=task.name)
+        running.add_done_callback(_report_ended)
+        started.append(running)
+    return started
+
+
+def _report_ended(task: asyncio.Task[None]) -> None:
+    """A background task is meant to run until shutdown cancels it: say when one ends early."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.error(kv("background_task_failed", task=task.get_name()), exc_info=exc)
+    else:
+        log.warning(kv("background_task_ended", task=task.get_name()))
+
+
+async def stop_background(tasks: Sequence[asyncio.Task[None]]) -> None:
+    """Cancel the tasks and wait (bounded) until they have finished."""
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return
+    _done, pending = await asyncio.wait(tasks, timeout=BACKGROUND_STOP_TIMEOUT_S)
+    for task in pending:
+        log.warning(kv("background_task_not_stopped", task=task.get_name()))
 
 
 @dataclass
@@ -160,8 +210,13 @@ async def serve(
     *,
     grace_s: float = 5.0,
     on_hangup: Callable[[], object] | None = None,
+    background: Sequence[BackgroundTask] = (),
 ) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully; SIGHUP calls `on_hangup`."""
+    """Run until SIGTERM or SIGINT, then shut down gracefully; SIGHUP calls `on_hangup`.
+
+    The `background` tasks run while the server serves; shutdown cancels them
+    (and waits for them) before it drains the in-flight calls.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -170,6 +225,10 @@ async def serve(
         loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await handle.start()
     log.info("serving %s on port %d", ", ".join(handle.service_names), handle.port)
-    await stop.wait()
-    log.info("shutting down (grace %.1fs)", grace_s)
+    running = start_background(background)
+    try:
+        await stop.wait()
+        log.info("shutting down (grace %.1fs)", grace_s)
+    finally:
+        await stop_background(running)
     await handle.stop(grace_s)

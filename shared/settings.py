@@ -30,6 +30,36 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _interval_or_off(env: Mapping[str, str], name: str, default: float) -> float:
+    """Seconds between runs of a background job; 0 turns the job off. Below
+    10 ms it would poll the database in a busy loop: refused."""
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise FailedPrecondition(
+            f"{name} must be a number of seconds (0 turns it off)", reason="BAD_CONFIG"
+        ) from None
+    if not (value == 0 or 0.01 <= value <= 3600):
+        raise FailedPrecondition(f"{name} must be 0 (off) or in [0.01, 3600]", reason="BAD_CONFIG")
+    return value
+
+
+def _count(env: Mapping[str, str], name: str, default: int, *, low: int, high: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise FailedPrecondition(f"{name} must be a whole number", reason="BAD_CONFIG") from None
+    if not low <= value <= high:
+        raise FailedPrecondition(f"{name} must be in [{low}, {high}]", reason="BAD_CONFIG")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str | None = None
@@ -55,6 +85,12 @@ class Settings:
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
     allow_insecure: bool = False
+    # The CRM service's background compaction of the pipeline delta log
+    # (crm_svc/compaction.py): pause between calls when caught up (0 = off),
+    # deltas per call, and the time one call may take.
+    crm_pipeline_compact_interval_s: float = 0.2
+    crm_pipeline_compact_batch: int = 10_000
+    crm_pipeline_compact_timeout_s: float = 10.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -86,6 +122,19 @@ class Settings:
             tls_key_file=path("TLS_KEY_FILE"),
             tls_client_ca_file=path("TLS_CLIENT_CA_FILE"),
             allow_insecure=_flag(env.get("ALLOW_INSECURE")),
+            crm_pipeline_compact_interval_s=_interval_or_off(
+                env, "CRM_PIPELINE_COMPACT_INTERVAL_S", cls.crm_pipeline_compact_interval_s
+            ),
+            crm_pipeline_compact_batch=_count(
+                env,
+                "CRM_PIPELINE_COMPACT_BATCH",
+                cls.crm_pipeline_compact_batch,
+                low=1,
+                high=1_000_000,
+            ),
+            crm_pipeline_compact_timeout_s=_seconds(
+                env, "CRM_PIPELINE_COMPACT_TIMEOUT_S", cls.crm_pipeline_compact_timeout_s
+            ),
         )
 
     @property

@@ -43,14 +43,16 @@ class Compaction:
     compacted: int  # deltas folded into the aggregates
     tenants: int  # tenants compacted
     busy: int  # tenants skipped: another compaction, a rebuild or a status change held them
+    discarded: int  # deltas of tenants that no longer exist, dropped
     more: bool  # deltas are left: call again
 
 
 async def compact_pipeline(db: Database, deadline: Deadline, *, max_deltas: int) -> Compaction:
     """Fold committed deltas into the aggregates, in one transaction.
 
-    `max_deltas` is shared by the tenants with deltas (up to 200 per call), at
-    least one each, so with many tenants a call may fold a few more.
+    `max_deltas` is shared by the tenants taken (up to 200 per call, a random
+    sample when more wait); a tenant's share can also take a few deltas that
+    commit while the call runs.
     """
     document = await db.call(
         OPERATION, {"p_max_deltas": max_deltas}, deadline, cap_s=deadline.remaining()
@@ -64,6 +66,7 @@ def _parse(document: Any) -> Compaction:
             compacted=int(document["compacted"]),
             tenants=int(document["tenants"]),
             busy=int(document["busy"]),
+            discarded=int(document["discarded"]),
             more=_boolean(document["more"]),
         )
     except (KeyError, TypeError, ValueError) as exc:

@@ -30,8 +30,9 @@
 --     statement recomputes them and deletes the deltas visible to that same
 --     snapshot; deltas of transactions still in flight commit later and are
 --     compacted on top.
--- Writers never wait for compaction or for each other here, and compaction
--- only waits for its own tenant lock: nothing can deadlock.
+-- Writers never wait for compaction or for each other here; compaction never
+-- waits (it only tries tenant locks); a rebuild or a status change waits for
+-- one tenant lock and nothing else: nothing can deadlock.
 --
 -- Tenants being deprovisioned: deleting their rows logs nothing (so
 -- deprovisioning costs no delta work), compaction skips them and their

@@ -354,3 +354,42 @@ def test_a_delete_waiting_for_a_reactivation_is_counted(
     aggregated, _ = summaries(sql, tenant)
     assert aggregated["total_clients"] == 1
     assert_exact(sql, tenant)
+
+
+def test_a_compaction_waiting_for_a_full_rebuild_applies_nothing_twice(
+    database_url: str, sql: psycopg.Connection[Any]
+) -> None:
+    """A full rebuild (after TRUNCATE, say) folds every pending delta in under
+    table locks; a compaction that starts meanwhile waits for it and then finds
+    those deltas gone, instead of applying them a second time."""
+    tenant = unique_tenant("full")
+    create_tenant(sql, tenant)
+    add_clients(sql, tenant, [("a@x.io", "PAID"), ("b@x.io", "LOST")])
+    add_quotes(sql, tenant, [("a@x.io", Decimal("6.00"), "EUR")])
+    assert pending_deltas(sql, tenant) > 0
+    with connections(database_url, 2) as (rebuilder, compactor):
+        rebuilder.execute("SELECT pipeline_aggregates_rebuild(NULL)")
+        compactor_pid = compactor.info.backend_pid
+        results: list[Any] = []
+
+        def compact_now() -> None:
+            row = compactor.execute("SELECT pipeline_compact()").fetchone()
+            compactor.commit()
+            results.append(row)
+
+        def commit_once_it_waits() -> None:
+            for _ in range(500):
+                row = sql.execute(
+                    "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
+                    (compactor_pid,),
+                ).fetchone()
+                if row == ("Lock",):
+                    break
+                threading.Event().wait(0.01)
+            else:
+                raise AssertionError("the compaction never waited for the rebuild")
+            rebuilder.commit()
+
+        assert run_together(compact_now, commit_once_it_waits) == []
+    assert pending_deltas(sql, tenant) == 0
+    assert_exact(sql, tenant)

@@ -239,7 +239,11 @@ AS $$
 $$;
 
 -- Per email, n'q' - nq = dn * q + n * dq + dn * dq, with n and q as the
--- aggregates hold them in this snapshot; the same with k for matches.
+-- aggregates hold them in this snapshot; the same with k for matches. n and q
+-- are looked up key by key (OFFSET 0 keeps each lookup a parameterized index
+-- scan): the statistics of a log that is mostly empty say nothing about a
+-- batch, and a plan guessed from them can scan a whole tenant per delta. The
+-- callers turn nested loops off for the rest (dc x dq, both unindexed).
 CREATE FUNCTION pipeline_pending_stage_values(p_tenant_id text, p_upto bigint)
 RETURNS TABLE (stage text, currency char(3), amount numeric, matches bigint)
 LANGUAGE sql STABLE
@@ -251,13 +255,21 @@ AS $$
         SELECT dc.stage, q.currency, dc.clients * q.amount AS amount,
                dc.clients * q.priced_quotes AS matches
         FROM dc
-        JOIN public.pipeline_email_quotes q
-          ON q.tenant_id = p_tenant_id AND q.email_key = dc.email_key
+        CROSS JOIN LATERAL (
+            SELECT q.currency, q.amount, q.priced_quotes
+            FROM public.pipeline_email_quotes q
+            WHERE q.tenant_id = p_tenant_id AND q.email_key = dc.email_key
+            OFFSET 0
+        ) q
         UNION ALL
         SELECT c.stage, dq.currency, c.clients * dq.amount, c.clients * dq.priced_quotes
         FROM dq
-        JOIN public.pipeline_email_clients c
-          ON c.tenant_id = p_tenant_id AND c.email_key = dq.email_key
+        CROSS JOIN LATERAL (
+            SELECT c.stage, c.clients
+            FROM public.pipeline_email_clients c
+            WHERE c.tenant_id = p_tenant_id AND c.email_key = dq.email_key
+            OFFSET 0
+        ) c
         UNION ALL
         SELECT dc.stage, dq.currency, dc.clients * dq.amount, dc.clients * dq.priced_quotes
         FROM dc JOIN dq USING (email_key)
@@ -338,15 +350,17 @@ $$;
 -- id, so it can also take a few deltas that commit while the call runs.
 -- Returns {"compacted": deltas applied, "tenants": tenants compacted, "busy":
 -- tenants skipped, "discarded": deltas of tenants gone, "more": whether a
--- tenant had more than its share}. Run it under READ COMMITTED (the default):
+-- tenant had more than its share or was busy}. Run it under READ COMMITTED (the default):
 -- each statement must see what committed before it.
 -- enable_seqscan off: a batch touches a few keys of large aggregate tables,
 -- which index probes find; left alone the planner may hash a whole table.
+-- enable_nestloop off: see pipeline_pending_stage_values.
 
 CREATE FUNCTION pipeline_compact(p_max_deltas integer DEFAULT 10000) RETURNS jsonb
 LANGUAGE plpgsql
 SET search_path = public, pg_temp
 SET enable_seqscan = off
+SET enable_nestloop = off
 AS $$
 DECLARE
     -- Advisory locks share the lock table: bound how many one call takes.
@@ -363,10 +377,11 @@ DECLARE
     v_picked bigint;
     v_compacted bigint := 0;
     v_more boolean;
-    v_zero_clients text[][];
-    v_zero_quotes text[][];
+    -- Keys of rows this batch brought to zero (only those can be at zero).
+    v_zero_client_emails text[];
+    v_zero_quote_emails text[];
     v_zero_stages text[];
-    v_zero_values text[][];
+    v_zero_value_stages text[];
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'pipeline_compact must run under READ COMMITTED'
@@ -376,6 +391,12 @@ BEGIN
         RAISE EXCEPTION 'p_max_deltas must be at least 1'
             USING ERRCODE = 'invalid_parameter_value', HINT = 'INVALID_BATCH_SIZE';
     END IF;
+
+    -- A full rebuild locks the log against this (tenant locks would be too
+    -- many): wait for it here, up front, so that every statement below plainly
+    -- runs after it (PostgreSQL 14+ takes a statement's snapshot after its
+    -- locks, so they would see its result anyway, but need not rely on that).
+    LOCK TABLE pipeline_deltas IN ROW EXCLUSIVE MODE;
 
     -- The tenants with deltas (one index probe each: a loose index scan),
     -- except those being deprovisioned; a random sample if there are too many.
@@ -409,6 +430,8 @@ BEGIN
             END IF;
         END IF;
     END LOOP;
+    -- A busy tenant is being compacted (or rebuilt) elsewhere: it may have more.
+    v_more := v_more OR v_busy > 0;
     IF cardinality(v_tenants) = 0 THEN
         RETURN jsonb_build_object('compacted', 0, 'tenants', 0, 'busy', v_busy,
                                   'discarded', v_discarded, 'more', v_more);
@@ -461,34 +484,30 @@ BEGIN
         )
         -- Rows only reach zero through a negative delta: collect those keys.
         SELECT (SELECT count(*) FROM picked),
-               ARRAY(SELECT ARRAY[email_key, stage] FROM email_clients WHERE clients = 0),
-               ARRAY(SELECT ARRAY[email_key, currency::text] FROM email_quotes WHERE priced_quotes = 0),
+               ARRAY(SELECT DISTINCT email_key FROM email_clients WHERE clients = 0),
+               ARRAY(SELECT DISTINCT email_key FROM email_quotes WHERE priced_quotes = 0),
                ARRAY(SELECT stage FROM stage_clients WHERE clients = 0),
-               ARRAY(SELECT ARRAY[stage, currency::text] FROM stage_values WHERE matches = 0)
-        INTO v_picked, v_zero_clients, v_zero_quotes, v_zero_stages, v_zero_values;
+               ARRAY(SELECT DISTINCT stage FROM stage_values WHERE matches = 0)
+        INTO v_picked, v_zero_client_emails, v_zero_quote_emails, v_zero_stages,
+             v_zero_value_stages;
         v_compacted := v_compacted + v_picked;
 
-        IF cardinality(v_zero_clients) > 0 THEN
-            DELETE FROM pipeline_email_clients c
-            USING generate_subscripts(v_zero_clients, 1) i
-            WHERE c.tenant_id = v_tenant AND c.clients = 0
-              AND c.email_key = v_zero_clients[i][1] AND c.stage = v_zero_clients[i][2];
+        IF cardinality(v_zero_client_emails) > 0 THEN
+            DELETE FROM pipeline_email_clients
+            WHERE tenant_id = v_tenant AND email_key = ANY (v_zero_client_emails) AND clients = 0;
         END IF;
-        IF cardinality(v_zero_quotes) > 0 THEN
-            DELETE FROM pipeline_email_quotes q
-            USING generate_subscripts(v_zero_quotes, 1) i
-            WHERE q.tenant_id = v_tenant AND q.priced_quotes = 0
-              AND q.email_key = v_zero_quotes[i][1] AND q.currency = v_zero_quotes[i][2];
+        IF cardinality(v_zero_quote_emails) > 0 THEN
+            DELETE FROM pipeline_email_quotes
+            WHERE tenant_id = v_tenant AND email_key = ANY (v_zero_quote_emails)
+              AND priced_quotes = 0;
         END IF;
         IF cardinality(v_zero_stages) > 0 THEN
-            DELETE FROM pipeline_stage_clients s
-            WHERE s.tenant_id = v_tenant AND s.clients = 0 AND s.stage = ANY (v_zero_stages);
+            DELETE FROM pipeline_stage_clients
+            WHERE tenant_id = v_tenant AND stage = ANY (v_zero_stages) AND clients = 0;
         END IF;
-        IF cardinality(v_zero_values) > 0 THEN
-            DELETE FROM pipeline_stage_values v
-            USING generate_subscripts(v_zero_values, 1) i
-            WHERE v.tenant_id = v_tenant AND v.matches = 0
-              AND v.stage = v_zero_values[i][1] AND v.currency = v_zero_values[i][2];
+        IF cardinality(v_zero_value_stages) > 0 THEN
+            DELETE FROM pipeline_stage_values
+            WHERE tenant_id = v_tenant AND stage = ANY (v_zero_value_stages) AND matches = 0;
         END IF;
     END LOOP;
 
@@ -561,9 +580,14 @@ DROP TABLE pipeline_emails;
 
 
 -- 5. The summary reads the aggregates plus the pending deltas.
+-- The log's statistics are usually those of an almost empty table: left
+-- alone, the planner seq-scans all of it (every tenant's deltas and dead
+-- rows) rather than probe the tenant's; and see pipeline_pending_stage_values.
 CREATE OR REPLACE FUNCTION pipeline_summary(p_tenant_id text) RETURNS jsonb
 LANGUAGE plpgsql STABLE
 SET search_path = public, pg_temp
+SET enable_seqscan = off
+SET enable_nestloop = off
 AS $$
 DECLARE
     v_status text;

@@ -164,6 +164,15 @@ def delta_backlog(conn: psycopg.Connection[Any]) -> int:
     return int(row[0]) if row else 0
 
 
+def deltas_logged(conn: psycopg.Connection[Any]) -> int:
+    """How many deltas were ever appended to pipeline_deltas: its identity
+    sequence's last value (cache 1: every value handed out is one delta)."""
+    row = conn.execute(
+        "SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('pipeline_deltas', 'id')), 0)"
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def drain_backlog(url: str, *, vacuum: bool = True, label: str = "drain") -> Drain:
     """Fold every pending delta into the aggregates, as fast as the background
     compactor would (pipeline_compact back to back while it says "more"), so

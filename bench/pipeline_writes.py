@@ -48,6 +48,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
@@ -231,6 +232,10 @@ class Compaction:
     busy_s: float  # time the compactor spent inside pipeline_compact meanwhile
     backlog: int  # rows in pipeline_deltas when the writes ended
     drain_s: float  # from the writes' end until the log was empty (compactor going on)
+    # CPU seconds of the compactor's PostgreSQL backend from the workload's
+    # start until the log was empty: what folding these deltas cost in all.
+    # None when the server's processes cannot be seen (DATABASE_URL elsewhere).
+    cpu_s: float | None
 
     @property
     def logged_per_s(self) -> float:
@@ -351,6 +356,17 @@ class CompactCall:
     busy: int
 
 
+def _local_backend_stat(pid: int) -> Path | None:
+    """/proc/<pid>/stat of a PostgreSQL backend, if the server runs on this
+    machine (the embedded one does); None otherwise."""
+    proc = Path(f"/proc/{pid}")
+    try:
+        is_postgres = (proc / "comm").read_text().startswith("postgres")
+    except OSError:
+        return None
+    return proc / "stat" if is_postgres else None
+
+
 class Compactor:
     """crm_svc's background compactor, reproduced on a connection of its own:
     `pipeline_compact(COMPACT_BATCH)`, again at once while it answers "more",
@@ -368,12 +384,28 @@ class Compactor:
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._in_call_since: float | None = None
+        self._backend_stat: Path | None = None
 
     async def __aenter__(self) -> Compactor:
         self._conn = await psycopg.AsyncConnection.connect(
             self.url, autocommit=True, application_name=COMPACTOR_APP
         )
+        cursor = await self._conn.execute("SELECT pg_backend_pid()")
+        row = await cursor.fetchone()
+        assert row is not None
+        self._backend_stat = _local_backend_stat(int(row[0]))
         return self
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user + system) of the compactor's PostgreSQL backend so far."""
+        if self._backend_stat is None:
+            return None
+        try:
+            fields = self._backend_stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        # utime and stime are fields 14 and 15 of /proc/<pid>/stat, in clock ticks.
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
@@ -479,6 +511,7 @@ async def workload(
     if await count_backlog(conn):
         raise RuntimeError("deltas pending before an 'on' workload: the log should be empty")
     logged_before = await deltas_logged(conn)
+    cpu_before = compactor.cpu_seconds()
     started = time.perf_counter()
     compactor.start()
     try:
@@ -489,8 +522,10 @@ async def workload(
         drain_s = await compactor.wait_drained(conn, ended, backlog)
     finally:
         await compactor.stop()
+    cpu_after = compactor.cpu_seconds()
+    cpu_s = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
     logged = await deltas_logged(conn) - logged_before
-    return value, Compaction(ended - started, logged, compacted, busy_s, backlog, drain_s)
+    return value, Compaction(ended - started, logged, compacted, busy_s, backlog, drain_s, cpu_s)
 
 
 # --- the run ---------------------------------------------------------------------------
@@ -719,6 +754,7 @@ def _compaction_row(label: str, runs: list[Compaction]) -> list[str]:
         [r.backlog / r.drain_s for r in runs if r.drain_s > 0 and r.backlog > COMPACT_BATCH]
         or [0.0]
     )
+    cpu = [r.cpu_s for r in runs if r.cpu_s is not None]
     return [
         label,
         str(len(runs)),
@@ -729,6 +765,7 @@ def _compaction_row(label: str, runs: list[Compaction]) -> list[str]:
         _fmt_rate(backlog),
         f"{drain_s:.2f}",
         _fmt_rate(drain_rate) if drain_rate else "-",
+        f"{_median(cpu):.2f}" if cpu else "-",
     ]
 
 
@@ -839,7 +876,9 @@ def report(
         " it spent inside pipeline_compact; the backlog (rows in pipeline_deltas) when the"
         " writes ended; the time from then until the log was empty, the compactor going on"
         f' (it sleeps {COMPACT_IDLE_S:g}s whenever a call answers no "more"), and the'
-        f" backlog / that time when the backlog exceeded one call's {COMPACT_BATCH:,} deltas:"
+        f" backlog / that time when the backlog exceeded one call's {COMPACT_BATCH:,} deltas;"
+        " and the CPU time of the compactor's PostgreSQL backend from the workload's start until"
+        " the log was empty (/proc), i.e. what folding the workload's deltas cost in all:"
     )
     print()
     krows = []
@@ -861,9 +900,10 @@ def report(
                 "backlog at end",
                 "drain s",
                 "drained deltas/s",
+                "compactor CPU s",
             ],
             krows,
-            right=(1, 2, 3, 4, 5, 6, 7, 8),
+            right=(1, 2, 3, 4, 5, 6, 7, 8, 9),
         )
     )
     print()

@@ -112,6 +112,116 @@ def server_facts(url: str) -> dict[str, str]:
     return facts
 
 
+# --- the pipeline delta log (migration 0007) -------------------------------------
+
+# What crm_svc's background compactor does: pipeline_compact(COMPACT_BATCH),
+# again at once while it answers "more", else after COMPACT_IDLE_S.
+COMPACT_BATCH = 10_000
+COMPACT_IDLE_S = 0.2
+PIPELINE_AGGREGATE_TABLES = (
+    "pipeline_email_clients",
+    "pipeline_email_quotes",
+    "pipeline_stage_clients",
+    "pipeline_stage_values",
+)
+# Consecutive calls that find only busy tenants (another compactor, a rebuild)
+# before drain_backlog gives up and reports what is left.
+_DRAIN_BUSY_TRIES = 50
+
+
+@dataclass(frozen=True)
+class Drain:
+    """A backlog drained by calling pipeline_compact until it says no more."""
+
+    deltas: int  # deltas these calls compacted
+    calls: int
+    seconds: float
+    left: int  # pipeline_deltas rows left (busy tenants, tenants being deprovisioned)
+    vacuum_s: float = 0.0  # VACUUM (ANALYZE) of the log and the aggregates afterwards
+
+    @property
+    def rate(self) -> float:
+        return self.deltas / self.seconds if self.seconds > 0 else 0.0
+
+    def describe(self) -> str:
+        if self.deltas == 0 and self.left == 0:
+            return "no pending deltas"
+        text = (
+            f"{self.deltas:,} pending deltas compacted in {self.seconds:.1f}s"
+            f" ({self.rate:,.0f} deltas/s, {self.calls:,} call{'' if self.calls == 1 else 's'}"
+            f" of pipeline_compact({COMPACT_BATCH}) back to back)"
+        )
+        if self.vacuum_s:
+            text += f", then VACUUM (ANALYZE) of the log and the aggregates in {self.vacuum_s:.1f}s"
+        if self.left:
+            text += f"; {self.left:,} deltas LEFT (busy or deprovisioning tenants)"
+        return text
+
+
+def delta_backlog(conn: psycopg.Connection[Any]) -> int:
+    """Rows in pipeline_deltas: what the aggregates do not hold yet."""
+    row = conn.execute("SELECT count(*) FROM pipeline_deltas").fetchone()
+    return int(row[0]) if row else 0
+
+
+def deltas_logged(conn: psycopg.Connection[Any]) -> int:
+    """How many deltas were ever appended to pipeline_deltas: its identity
+    sequence's last value (cache 1: every value handed out is one delta)."""
+    row = conn.execute(
+        "SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('pipeline_deltas', 'id')), 0)"
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def drain_backlog(url: str, *, vacuum: bool = True, label: str = "drain") -> Drain:
+    """Fold every pending delta into the aggregates, as fast as the background
+    compactor would (pipeline_compact back to back while it says "more"), so
+    that reads are not timed against a backlog left by a bulk load. With
+    `vacuum`, VACUUM (ANALYZE) the log (now all dead rows) and the aggregates
+    afterwards, as autovacuum soon would, timed separately."""
+    with psycopg.connect(url, autocommit=True, application_name="bench_drain") as conn:
+        pending = delta_backlog(conn)
+        if pending:
+            say(f"{label}: {pending:,} pending deltas; compacting")
+        started = last_report = time.monotonic()
+        deltas = calls = busy_tries = 0
+        reported = 0
+        while True:
+            row = conn.execute("SELECT pipeline_compact(%s)", (COMPACT_BATCH,)).fetchone()
+            assert row is not None
+            answer = row[0]
+            calls += 1
+            deltas += int(answer["compacted"])
+            now = time.monotonic()
+            if now - last_report > 10:
+                say(
+                    f"{label}: {deltas:,}/{pending:,} compacted, {now - started:.0f}s"
+                    f" (last {now - last_report:.0f}s:"
+                    f" {(deltas - reported) / (now - last_report):,.0f} deltas/s)"
+                )
+                last_report, reported = now, deltas
+            if answer["more"]:
+                busy_tries = 0
+                continue
+            if not answer["busy"] or busy_tries >= _DRAIN_BUSY_TRIES:
+                break
+            busy_tries = 0 if answer["compacted"] else busy_tries + 1
+            time.sleep(COMPACT_IDLE_S)  # a tenant is busy: try it again later
+        seconds = time.monotonic() - started
+        left = delta_backlog(conn)
+        vacuum_s = 0.0
+        if vacuum and deltas:
+            t0 = time.monotonic()
+            conn.execute(
+                "VACUUM (ANALYZE) pipeline_deltas, " + ", ".join(PIPELINE_AGGREGATE_TABLES)
+            )
+            vacuum_s = time.monotonic() - t0
+    drain = Drain(deltas, calls, seconds, left, vacuum_s)
+    if pending or deltas:
+        say(f"{label}: {drain.describe()}")
+    return drain
+
+
 # --- a real service process ----------------------------------------------------
 
 

@@ -14,6 +14,14 @@ Every tenant's rows are interleaved on the heap with the others and with two
 noise tenants, whose rows (a checksum per table) and directories are verified
 unchanged at the end; each deprovisioned tenant is verified to have no row
 left and no directory.
+
+Since migration 0007 the load's writes log deltas (`pipeline_deltas`, a tenant
+table); they are compacted into the pipeline aggregates after loading, as the
+background compactor would have done long before a tenant is deprovisioned.
+So every tenant also owns aggregate rows, all deleted with it: the rows
+expected are counted per tenant before its deprovisioning. Deleting the rows
+of a tenant being deprovisioned must log no delta: the log's sequence is
+checked unchanged across every call.
 """
 
 from __future__ import annotations
@@ -39,8 +47,12 @@ from psycopg import sql
 
 from bench.common import (
     BENCH_DATA_DIR,
+    PIPELINE_AGGREGATE_TABLES,
+    Drain,
     bench_server,
     create_fresh_database,
+    deltas_logged,
+    drain_backlog,
     markdown_table,
     say,
     server_facts,
@@ -60,6 +72,7 @@ DEFAULT_REPS = {"10k": 5, "100k": 3, "1m": 1}
 NOISE_ROWS = 200_000  # per noise tenant
 FULL_DEADLINE_S = 300.0
 CUT_TENANT_ROWS = 1_000_000
+PIPELINE_TABLES = frozenset({"pipeline_deltas", *PIPELINE_AGGREGATE_TABLES})
 
 
 @dataclass(frozen=True)
@@ -69,20 +82,29 @@ class BenchTenant:
 
     @property
     def rows(self) -> int:
-        """Everything the tenant owns: its clients' rows, its settings and its tenant row."""
+        """The rows loaded for it: its clients' rows, its settings and its tenant row
+        (the pipeline aggregate rows its clients and quotes produce come on top)."""
         return self.clients * ROWS_PER_CLIENT + 2
+
+
+@dataclass(frozen=True)
+class Owned:
+    rows: int  # everything the tenant owns, its tenants row included
+    pipeline: int  # of which rows of pipeline_deltas and the pipeline aggregates
 
 
 @dataclass
 class FullRun:
     label: str
     rows: int
+    pipeline_rows: int
     seconds: list[float] = field(default_factory=list)
 
 
 @dataclass
 class CutRun:
     rows: int
+    pipeline_rows: int
     deadline_s: float
     calls: int = 0
     seconds: float = 0.0
@@ -198,9 +220,10 @@ def checksums(url: str, tenant_ids: Sequence[str]) -> dict[str, tuple[int, int]]
     return result
 
 
-def rows_left(url: str, tenant_id: str) -> int:
+def owned_rows(url: str, tenant_id: str) -> Owned:
+    """What the tenant owns now, counted table by table."""
     with psycopg.connect(url) as conn:
-        total = 0
+        total = pipeline = 0
         for table in [*tenant_tables(conn), "tenants"]:
             key = "id" if table == "tenants" else "tenant_id"
             row = conn.execute(
@@ -209,8 +232,27 @@ def rows_left(url: str, tenant_id: str) -> int:
                 ),
                 (tenant_id,),
             ).fetchone()
-            total += int(row[0]) if row else 0
-        return total
+            count = int(row[0]) if row else 0
+            total += count
+            if table in PIPELINE_TABLES:
+                pipeline += count
+        return Owned(total, pipeline)
+
+
+def rows_left(url: str, tenant_id: str) -> int:
+    return owned_rows(url, tenant_id).rows
+
+
+def logged_deltas(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        return deltas_logged(conn)
+
+
+def check_nothing_logged(url: str, before: int, tenant_id: str) -> None:
+    """Deprovisioning deletes log no delta (and nothing else writes meanwhile)."""
+    logged = logged_deltas(url) - before
+    if logged:
+        raise SystemExit(f"{tenant_id}: {logged:,} deltas logged while deprovisioning")
 
 
 def directory_tree(path: Path) -> list[tuple[str, str]]:
@@ -239,7 +281,9 @@ async def deprovision_once(
     metadata: tuple[tuple[str, str], ...],
     url: str,
     tenant: BenchTenant,
+    owned: Owned,
 ) -> float:
+    logged_before = logged_deltas(url)
     started = time.monotonic()
     reply = await stub.Deprovision(
         provisioning_pb2.DeprovisionRequest(
@@ -251,10 +295,11 @@ async def deprovision_once(
     elapsed = time.monotonic() - started
     if reply.state != provisioning_pb2.JOB_STATE_COMPLETED:
         raise SystemExit(f"{tenant.tenant_id}: not completed: {reply}")
-    if _rows_deleted(reply) != tenant.rows:
-        raise SystemExit(f"{tenant.tenant_id}: deleted {_rows_deleted(reply)} of {tenant.rows}")
+    if _rows_deleted(reply) != owned.rows:
+        raise SystemExit(f"{tenant.tenant_id}: deleted {_rows_deleted(reply)} of {owned.rows}")
     if rows_left(url, tenant.tenant_id) or (CLIENTS_DIR / tenant.tenant_id).exists():
         raise SystemExit(f"{tenant.tenant_id}: rows or directory left behind")
+    check_nothing_logged(url, logged_before, tenant.tenant_id)
     return elapsed
 
 
@@ -263,9 +308,11 @@ async def deprovision_under_deadlines(
     metadata: tuple[tuple[str, str], ...],
     url: str,
     tenant: BenchTenant,
+    owned: Owned,
     deadline_s: float,
 ) -> CutRun:
-    run = CutRun(tenant.rows, deadline_s)
+    run = CutRun(owned.rows, owned.pipeline, deadline_s)
+    logged_before = logged_deltas(url)
     request = provisioning_pb2.DeprovisionRequest(
         tenant_id=tenant.tenant_id, request_id=str(uuid.uuid4())
     )
@@ -291,10 +338,11 @@ async def deprovision_under_deadlines(
         run.answers["OK"] += 1
         break
     run.seconds = time.monotonic() - started
-    if reply.state != provisioning_pb2.JOB_STATE_COMPLETED or _rows_deleted(reply) != tenant.rows:
+    if reply.state != provisioning_pb2.JOB_STATE_COMPLETED or _rows_deleted(reply) != owned.rows:
         raise SystemExit(f"{tenant.tenant_id}: not completed correctly: {reply}")
     if rows_left(url, tenant.tenant_id) or (CLIENTS_DIR / tenant.tenant_id).exists():
         raise SystemExit(f"{tenant.tenant_id}: rows or directory left behind")
+    check_nothing_logged(url, logged_before, tenant.tenant_id)
     return run
 
 
@@ -305,6 +353,7 @@ def report(
     facts: dict[str, str],
     where: str,
     noise: Sequence[BenchTenant],
+    drain: Drain,
 ) -> None:
     command = shlex.join([os.path.relpath(sys.executable), "-m", "bench", *sys.argv[1:]])
     print()
@@ -318,12 +367,18 @@ def report(
     print(
         f"- each tenant: {ROWS_PER_CLIENT} rows per client (client, quote, invoice, 2 activities,"
         " notification) + its settings row, interleaved on the heap with every other tenant"
-        f" and {len(noise)} noise tenants of {noise[0].rows:,} rows each"
+        f" and {len(noise)} noise tenants of {noise[0].rows:,} rows each (plus their"
+        " pipeline aggregate rows)"
+    )
+    print(
+        "- after loading, the load's deltas were compacted into the pipeline aggregates"
+        f" (as the background compactor would have): {drain.describe()}"
     )
     print(
         "- one Deprovision call per tenant (deadline"
         f" {FULL_DEADLINE_S:g}s), SendGrid step skipped (DEV_MODE); rows = everything deleted,"
-        " tenant row included; each run verified: no row left, directory gone"
+        " tenant row and pipeline aggregate rows included (counted before); each run verified:"
+        " no row left, directory gone, no delta logged"
     )
     print()
     rows = []
@@ -334,6 +389,7 @@ def report(
             [
                 run.label,
                 f"{run.rows:,}",
+                f"{run.pipeline_rows:,}",
                 len(run.seconds),
                 f"{median:.2f}",
                 f"{best:.2f}",
@@ -342,9 +398,9 @@ def report(
         )
     print(
         markdown_table(
-            ["size", "rows", "n", "median s", "min s", "rows/s (median)"],
+            ["size", "rows", "of which pipeline", "n", "median s", "min s", "rows/s (median)"],
             rows,
-            right=(1, 2, 3, 4, 5),
+            right=(1, 2, 3, 4, 5, 6),
         )
     )
     print()
@@ -357,10 +413,20 @@ def report(
     per_call = cut.deleted_per_cut_call
     print(
         markdown_table(
-            ["rows", "deadline s", "calls", "total s", "rows/s", "answers", "other tenants"],
+            [
+                "rows",
+                "of which pipeline",
+                "deadline s",
+                "calls",
+                "total s",
+                "rows/s",
+                "answers",
+                "other tenants",
+            ],
             [
                 [
                     f"{cut.rows:,}",
+                    f"{cut.pipeline_rows:,}",
                     f"{cut.deadline_s:g}",
                     cut.calls,
                     f"{cut.seconds:.1f}",
@@ -369,7 +435,7 @@ def report(
                     "intact" if intact else "CHANGED",
                 ]
             ],
-            right=(0, 1, 2, 3, 4),
+            right=(0, 1, 2, 3, 4, 5),
         )
     )
     if per_call:
@@ -410,6 +476,10 @@ async def run(args: argparse.Namespace) -> None:
     shutil.rmtree(CLIENTS_DIR, ignore_errors=True)
     CLIENTS_DIR.mkdir(parents=True)
     load(url, everyone)
+    # What the background compactor would long have done: the tenants own
+    # aggregate rows, not a backlog of deltas.
+    drain = drain_backlog(url, label="deprovision: data")
+    owned = {t.tenant_id: owned_rows(url, t.tenant_id) for t in everyone if t not in noise}
     noise_ids = [t.tenant_id for t in noise]
     noise_before = checksums(url, noise_ids)
     noise_dirs = {t.tenant_id: directory_tree(CLIENTS_DIR / t.tenant_id) for t in noise}
@@ -436,21 +506,29 @@ async def run(args: argparse.Namespace) -> None:
         say(f"provisioning_svc serving on {address} (log: {log_path})")
         stub = provisioning_pb2_grpc.ProvisioningServiceStub(channel)
         for label, tenants in measured.items():
-            result = FullRun(label, tenants[0].rows)
+            first = owned[tenants[0].tenant_id]
+            result = FullRun(label, first.rows, first.pipeline)
             for tenant in tenants:
-                elapsed = await deprovision_once(stub, metadata, url, tenant)
+                if owned[tenant.tenant_id] != first:
+                    raise SystemExit(
+                        f"{tenant.tenant_id} owns {owned[tenant.tenant_id]}, not {first}"
+                    )
+                elapsed = await deprovision_once(stub, metadata, url, tenant, first)
                 result.seconds.append(elapsed)
-                say(f"{label}: {tenant.tenant_id} {tenant.rows:,} rows in {elapsed:.2f}s")
+                say(f"{label}: {tenant.tenant_id} {first.rows:,} rows in {elapsed:.2f}s")
             full.append(result)
         say(
-            f"{cut_tenant.tenant_id}: {cut_tenant.rows:,} rows under {args.cut_deadline:g}s deadlines"
+            f"{cut_tenant.tenant_id}: {owned[cut_tenant.tenant_id].rows:,} rows under"
+            f" {args.cut_deadline:g}s deadlines"
         )
-        cut = await deprovision_under_deadlines(stub, metadata, url, cut_tenant, args.cut_deadline)
+        cut = await deprovision_under_deadlines(
+            stub, metadata, url, cut_tenant, owned[cut_tenant.tenant_id], args.cut_deadline
+        )
         say(f"{cut_tenant.tenant_id}: done in {cut.calls} calls, {cut.seconds:.1f}s")
 
     intact = checksums(url, noise_ids) == noise_before and all(
         directory_tree(CLIENTS_DIR / t) == tree for t, tree in noise_dirs.items()
     )
-    report(full, cut, intact, facts, where, noise)
+    report(full, cut, intact, facts, where, noise, drain)
     if not intact:
         raise SystemExit("other tenants changed")

@@ -17,11 +17,29 @@ noise tenant and the other sizes share the tables), measured in one run:
 
 Once per size all answers are compared and must agree exactly. The methods
 are a list (`Contenders.methods`): a new one is one entry there.
+
+Since migration 0007 writes log deltas that a background compactor folds into
+the aggregates, and `pipeline_summary` adds the tenant's pending deltas to
+them. Loading the data logs millions of deltas, so before anything is timed
+the backlog is drained (pipeline_compact until it says no more; the time and
+deltas/s are reported) and the log and the aggregates vacuumed. To show what
+a lagging compactor costs a read, the 1k tenant is also measured with
+`--backlogs` deltas pending: committed updates (client stage moves and quote
+price changes) that no compactor may fold meanwhile (the bench holds the
+tenant's compaction lock, which compactors try and skip); afterwards the rows
+are restored and the deltas compacted. How a summary with pending deltas is
+planned depends on what the log's statistics say, so each backlog is
+measured twice: with the statistics of an empty log (ANALYZE before the
+backlog is written: what autovacuum mostly sees of a log the compactor keeps
+empty, until it analyzes again) and after ANALYZE with the backlog in place.
+Only the summary's own methods are timed there (the full scan and the naive
+way do not read the log); every method still answers the warm-up, compared.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import math
 import os
 import secrets
@@ -29,7 +47,8 @@ import shlex
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -41,10 +60,12 @@ from bench.common import (
     BENCH_DATA_DIR,
     STANDIN_NOTE,
     BenchServer,
+    Drain,
     Stats,
     bench_server,
     create_fresh_database,
     database_exists,
+    drain_backlog,
     format_ms,
     markdown_table,
     postgrest_standin,
@@ -98,12 +119,38 @@ FLOOR_METHOD = "sql"
 SIZE_TARGET = 2.0
 NAIVE_TARGET = 100.0
 
+# The tenant measured again with deltas pending, and how they are made: rows
+# per updating statement (a statement logs one delta per key it changes).
+BACKLOG_TENANT = "1k"
+BACKLOG_CHUNK = 50
+# Timed rounds per backlog row (--reps overrides): few, so that autovacuum
+# rarely vacuums or analyzes the log in the middle of the "stale" rows (a row
+# where it did says so).
+BACKLOG_REPS = 15
+# The methods a backlog row times: those that read the log.
+BACKLOG_METHODS = ("sql", "grpc", "grpc_rest")
+# The log's statistics while a backlog row is measured: taken from the empty
+# log before the backlog is written, or from the log with the backlog in it.
+LOG_STATS = {
+    "stale": "statistics of the empty log",
+    "analyzed": "ANALYZE with the backlog",
+}
+# The rows the backlog changes, kept until they are restored (also after a
+# crash: prepare_database restores them before anything else).
+BACKLOG_UNDO = "bench_backlog_undo"
+
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--sizes",
         default=",".join(t.label for t in MEASURED if t.label),
         help="comma-separated tenant sizes to measure (default: %(default)s)",
+    )
+    group.add_argument(
+        "--backlogs",
+        default="1000,10000",
+        help=f"pending (uncompacted) deltas to measure the {BACKLOG_TENANT} tenant with as well,"
+        " comma-separated; empty: none (default: %(default)s)",
     )
 
 
@@ -280,6 +327,7 @@ def prepare_database(server: BenchServer, fresh: bool) -> str:
     if not fresh and database_exists(server, BENCH_DB):
         # Later migrations (new functions) apply on top of existing data.
         apply_migrations(url)
+        restore_backlog_rows(url)
         if dataset_is_complete(url):
             say(f"data: reusing the complete data set in database {BENCH_DB} (--fresh rebuilds it)")
             return url
@@ -287,6 +335,137 @@ def prepare_database(server: BenchServer, fresh: bool) -> str:
     url = create_fresh_database(server, BENCH_DB)
     load_dataset(url)
     return url
+
+
+# --- a backlog of pending deltas ---------------------------------------------------
+
+_RESTORE_BACKLOG_ROWS = (
+    f"UPDATE clients c SET pipeline_stage = u.stage FROM {BACKLOG_UNDO} u"
+    " WHERE u.tbl = 'clients' AND c.tenant_id = u.tenant AND c.id = u.row_id"
+    " AND c.pipeline_stage IS DISTINCT FROM u.stage",
+    f"UPDATE quotes q SET total_price = u.price FROM {BACKLOG_UNDO} u"
+    " WHERE u.tbl = 'quotes' AND q.tenant_id = u.tenant AND q.id = u.row_id"
+    " AND q.total_price IS DISTINCT FROM u.price",
+    f"DROP TABLE {BACKLOG_UNDO}",
+)
+_TENANT_LOCK = "pipeline_lock_space(), pipeline_tenant_lock_key(%s)"
+
+
+def restore_backlog_rows(url: str) -> None:
+    """Put back the rows an interrupted backlog measurement changed, if any."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT to_regclass(%s)", (BACKLOG_UNDO,)).fetchone()
+        if row is None or row[0] is None:
+            return
+        for statement in _RESTORE_BACKLOG_ROWS:
+            conn.execute(statement)
+        conn.commit()
+    say("data: restored the rows an interrupted backlog measurement had changed")
+
+
+async def _pending(conn: psycopg.AsyncConnection[Any], tenant_id: str) -> int:
+    cursor = await conn.execute(
+        "SELECT count(*) FROM pipeline_deltas WHERE tenant_id = %s", (tenant_id,)
+    )
+    row = await cursor.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def _ids(conn: psycopg.AsyncConnection[Any], query: str, tenant_id: str) -> list[int]:
+    cursor = await conn.execute(query, (tenant_id,))
+    return [int(r[0]) for r in await cursor.fetchall()]
+
+
+async def log_autovacuum_count(conn: psycopg.AsyncConnection[Any]) -> int:
+    """How often autovacuum has vacuumed or analyzed the log: either changes
+    what the planner believes of it (a VACUUM updates its row count too)."""
+    cursor = await conn.execute(
+        "SELECT autovacuum_count + autoanalyze_count FROM pg_stat_user_tables"
+        " WHERE relname = 'pipeline_deltas'"
+    )
+    row = await cursor.fetchone()
+    return int(row[0]) if row else 0
+
+
+@asynccontextmanager
+async def pending_deltas(
+    url: str, tenant_id: str, target: int, log_stats: str
+) -> AsyncIterator[int]:
+    """Commit updates to `tenant_id` until at least `target` of its deltas are
+    pending, holding the tenant's compaction lock (shared) so that no
+    compactor folds them (pipeline_compact skips a tenant whose lock it cannot
+    take); yield how many are pending. `log_stats`: ANALYZE pipeline_deltas
+    before writing them ("stale") or after ("analyzed"). Afterwards put the
+    rows back, release the lock and compact everything.
+
+    The updates move 50 clients a stage on, then add 0.01 to 50 prices, and
+    so on through the tenant: deltas of both kinds, over all its addresses,
+    that do not cancel out (about 2 per client moved, 1 per price)."""
+    async with await psycopg.AsyncConnection.connect(
+        url, autocommit=True, application_name="bench_backlog"
+    ) as conn:
+        await conn.execute(f"SELECT pg_advisory_lock_shared({_TENANT_LOCK})", (tenant_id,))
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    f"CREATE TABLE {BACKLOG_UNDO} (tenant text NOT NULL, tbl text NOT NULL,"
+                    " row_id bigint NOT NULL, stage text, price numeric(14, 2))"
+                )
+                await conn.execute(
+                    f"INSERT INTO {BACKLOG_UNDO} SELECT tenant_id, 'clients', id, pipeline_stage,"
+                    " NULL FROM clients WHERE tenant_id = %s",
+                    (tenant_id,),
+                )
+                await conn.execute(
+                    f"INSERT INTO {BACKLOG_UNDO} SELECT tenant_id, 'quotes', id, NULL, total_price"
+                    " FROM quotes WHERE tenant_id = %s AND total_price IS NOT NULL",
+                    (tenant_id,),
+                )
+            clients = await _ids(
+                conn, "SELECT id FROM clients WHERE tenant_id = %s ORDER BY id", tenant_id
+            )
+            quotes = await _ids(
+                conn,
+                "SELECT id FROM quotes WHERE tenant_id = %s AND total_price IS NOT NULL ORDER BY id",
+                tenant_id,
+            )
+            if log_stats == "stale":
+                await conn.execute("ANALYZE pipeline_deltas")
+            pending = await _pending(conn, tenant_id)
+            step = 0
+            while pending < target:
+                first = step * BACKLOG_CHUNK
+                await conn.execute(
+                    "UPDATE clients SET pipeline_stage ="
+                    " (%s::text[])[1 + array_position(%s::text[], pipeline_stage) %% 6]"
+                    " WHERE tenant_id = %s AND id = ANY (%s)",
+                    (
+                        list(STAGES),
+                        list(STAGES),
+                        tenant_id,
+                        [clients[(first + k) % len(clients)] for k in range(BACKLOG_CHUNK)],
+                    ),
+                )
+                await conn.execute(
+                    "UPDATE quotes SET total_price = total_price + 0.01"
+                    " WHERE tenant_id = %s AND id = ANY (%s)",
+                    (
+                        tenant_id,
+                        [quotes[(first + k) % len(quotes)] for k in range(BACKLOG_CHUNK)],
+                    ),
+                )
+                pending = await _pending(conn, tenant_id)
+                step += 1
+            if log_stats == "analyzed":
+                await conn.execute("ANALYZE pipeline_deltas")
+            yield pending
+        finally:
+            async with conn.transaction():
+                for statement in _RESTORE_BACKLOG_ROWS:
+                    await conn.execute(statement)
+            await conn.execute(f"SELECT pg_advisory_unlock_shared({_TENANT_LOCK})", (tenant_id,))
+    await asyncio.to_thread(drain_backlog, url, vacuum=False, label=f"backlog {target:,}")
 
 
 # --- the three ways to get a summary, in one comparable shape --------------------
@@ -489,10 +668,28 @@ class Contenders:
 @dataclass
 class Measurement:
     tenant: TenantSpec
+    backlog: int = 0  # the tenant's pending deltas while measured
+    log_stats: str = ""  # a LOG_STATS key for a backlog row
+    autovacuumed: bool = False  # autovacuum vacuumed or analyzed the log meanwhile
     # Keyed by method name.
     samples: defaultdict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     # gRPC status names of failed calls: a failure is a result too, not a crash.
     failures: defaultdict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+
+    @property
+    def name(self) -> str:
+        label = self.tenant.label or self.tenant.tenant_id
+        if not self.backlog:
+            return label
+        return f"{label} + {self.backlog:,} pending ({self.log_stats} log statistics)"
+
+    @property
+    def log_stats_label(self) -> str:
+        if not self.backlog:
+            return "-"
+        return LOG_STATS[self.log_stats] + (
+            " (autovacuum ran on the log mid-run)" if self.autovacuumed else ""
+        )
 
 
 def _rpc_failure(exc: grpc.aio.AioRpcError) -> str:
@@ -509,7 +706,7 @@ async def warm_up_and_verify(methods: Sequence[Method], measurement: Measurement
             answers[method.name] = method.summary(await method.call(tenant.tenant_id))
         except grpc.aio.AioRpcError as exc:
             measurement.failures[method.name].append(exc.code().name)
-            say(f"{tenant.label}: {method.name} warm-up call FAILED: {_rpc_failure(exc)}")
+            say(f"{measurement.name}: {method.name} warm-up call FAILED: {_rpc_failure(exc)}")
     if len(set(answers.values())) != 1:
         raise RuntimeError(
             f"summaries of {tenant.tenant_id} disagree:\n"
@@ -522,7 +719,7 @@ async def warm_up_and_verify(methods: Sequence[Method], measurement: Measurement
         )
     currencies = sorted({c for _, _, value, _ in from_floor.stages for c, _ in value})
     say(
-        f"{tenant.label}: warm-up done, {' = '.join(answers)} exactly "
+        f"{measurement.name}: warm-up done, {' = '.join(answers)} exactly "
         f"({from_floor.total_clients:,} clients, currencies {'/'.join(currencies)}) "
         f"in {time.monotonic() - started:.1f}s"
     )
@@ -541,15 +738,13 @@ async def measure(methods: Sequence[Method], measurement: Measurement, reps: int
                 await method.call(tenant_id)
             except grpc.aio.AioRpcError as exc:
                 measurement.failures[method.name].append(exc.code().name)
-                say(f"{measurement.tenant.label}: {method.name} call FAILED: {_rpc_failure(exc)}")
+                say(f"{measurement.name}: {method.name} call FAILED: {_rpc_failure(exc)}")
                 continue
             measurement.samples[method.name].append(time.perf_counter() - t0)
         now = time.monotonic()
         if now - last_report > 5 or round_index + 1 == reps:
             last_report = now
-            say(
-                f"{measurement.tenant.label}: round {round_index + 1}/{reps} ({now - started:.1f}s)"
-            )
+            say(f"{measurement.name}: round {round_index + 1}/{reps} ({now - started:.1f}s)")
 
 
 def _selected(sizes: str) -> list[TenantSpec]:
@@ -561,11 +756,22 @@ def _selected(sizes: str) -> list[TenantSpec]:
     return [known[s] for s in wanted]
 
 
+def _backlogs(spec: str) -> list[int]:
+    try:
+        backlogs = [int(b.strip().replace("_", "")) for b in spec.split(",") if b.strip()]
+    except ValueError:
+        raise SystemExit(f"--backlogs: not a list of numbers: {spec!r}") from None
+    if any(b < 1 for b in backlogs):
+        raise SystemExit("--backlogs: each backlog must be at least 1")
+    return backlogs
+
+
 def report(
     methods: Sequence[Method],
     measurements: Sequence[Measurement],
     facts: dict[str, str],
     where: str,
+    drain: Drain,
 ) -> None:
     rows = []
     failures = []
@@ -575,14 +781,29 @@ def report(
             name = method.name
             if m.failures[name]:
                 failed = ", ".join(f"{code} x{n}" for code, n in Counter(m.failures[name]).items())
-                failures.append(f"{m.tenant.clients:,} clients, {method.label}: {failed}")
+                failures.append(f"{m.name}, {method.label}: {failed}")
+            if m.backlog and name not in BACKLOG_METHODS:
+                continue
             if not m.samples[name]:
-                rows.append([f"{m.tenant.clients:,}", method.label, 0, "-", "-", "-"])
+                rows.append(
+                    [
+                        f"{m.tenant.clients:,}",
+                        f"{m.backlog:,}",
+                        m.log_stats_label,
+                        method.label,
+                        0,
+                        "-",
+                        "-",
+                        "-",
+                    ]
+                )
                 continue
             stats = Stats.of(m.samples[name])
             rows.append(
                 [
                     f"{m.tenant.clients:,}",
+                    f"{m.backlog:,}",
+                    m.log_stats_label,
                     method.label,
                     stats.n,
                     format_ms(stats.median_s),
@@ -613,6 +834,22 @@ def report(
         " calling each once in rotating order; p95 interpolates between ranks (n=5: near the max)"
     )
     print(
+        f"- the load's deltas (migration 0007) were compacted before timing: {drain.describe()};"
+        " pending deltas = the tenant's rows in pipeline_deltas while it was measured"
+    )
+    if any(m.backlog for m in measurements):
+        print(
+            "- rows with pending deltas: committed updates of that tenant (alternately"
+            f" {BACKLOG_CHUNK} clients moved a stage on and {BACKLOG_CHUNK} prices + 0.01 per"
+            " statement, about 2/3 client deltas) left uncompacted: the bench holds the tenant's"
+            " compaction lock, which pipeline_compact skips; the rows are restored and the deltas"
+            " compacted afterwards. Log statistics: ANALYZE pipeline_deltas while it was empty,"
+            " before the backlog was written (what the planner mostly knows of a log the compactor"
+            " keeps empty, until autovacuum analyzes it again), or ANALYZE with the backlog in it."
+            " Only the methods that read the log are timed there; all five answered the warm-up"
+            " call, equal"
+        )
+    print(
         f"- crm_svc caps one summary at {SUMMARY_CAP_S:g}s whatever the caller's deadline"
         f" (bench deadline {RPC_TIMEOUT_S:g}s)"
     )
@@ -620,9 +857,18 @@ def report(
     print()
     print(
         markdown_table(
-            ["clients", "method", "n", "median ms", "p95 ms", "median / floor"],
+            [
+                "clients",
+                "pending deltas",
+                "log statistics",
+                "method",
+                "n",
+                "median ms",
+                "p95 ms",
+                "median / floor",
+            ],
             rows,
-            right=(0, 2, 3, 4, 5),
+            right=(0, 1, 4, 5, 6, 7),
         )
     )
     if failures:
@@ -637,18 +883,39 @@ def print_targets(methods: Sequence[Method], measurements: Sequence[Measurement]
     largest size measured in this run)."""
     labels = {method.name: method.label for method in methods}
     by_size = sorted(
-        (m for m in measurements if all(m.samples[name] for name in labels)),
+        (m for m in measurements if not m.backlog and all(m.samples[name] for name in labels)),
         key=lambda m: m.tenant.clients,
     )
-    if len(by_size) < 2:
-        return
-    small, large = by_size[0], by_size[-1]
 
     def median(m: Measurement, name: str) -> float:
         return Stats.of(m.samples[name]).median_s
 
     def verdict(ok: bool) -> str:
         return "met" if ok else "MISSED"
+
+    lagging = [
+        (drained, m)
+        for drained in by_size
+        for m in measurements
+        if m.backlog and m.tenant == drained.tenant and m.samples["sql"] and m.samples["grpc"]
+    ]
+    if lagging:
+        print("A lagging compactor (medians, the same tenant with its log empty = 1x):")
+        print()
+        for drained, m in lagging:
+            print(
+                f"- {m.tenant.clients:,} clients, {m.backlog:,} deltas pending,"
+                f" {m.log_stats_label}:"
+                + ", ".join(
+                    f" {labels[name]} {format_ms(median(m, name))} ms"
+                    f" = {median(m, name) / median(drained, name):.2f}x"
+                    for name in ("sql", "grpc")
+                )
+            )
+        print()
+    if len(by_size) < 2:
+        return
+    small, large = by_size[0], by_size[-1]
 
     print(f"Targets ({small.tenant.clients:,} vs {large.tenant.clients:,} clients, medians):")
     print()
@@ -671,10 +938,13 @@ def print_targets(methods: Sequence[Method], measurements: Sequence[Measurement]
 
 async def run(args: argparse.Namespace) -> None:
     tenants = _selected(args.sizes)
+    backlogs = _backlogs(args.backlogs)
     server = bench_server()
     where = f"embedded, {BENCH_DATA_DIR}" if server.embedded else "DATABASE_URL"
     say(f"PostgreSQL: {where}")
     url = prepare_database(server, fresh=args.fresh)
+    # Reads are timed against the compacted aggregates, not a load's backlog.
+    drain = drain_backlog(url, label="data")
     facts = server_facts(url)
 
     token = secrets.token_urlsafe(24)
@@ -687,7 +957,7 @@ async def run(args: argparse.Namespace) -> None:
     }
     log_path = BENCH_DATA_DIR / "crm_svc.log"
     rest_log_path = BENCH_DATA_DIR / "crm_svc_rest.log"
-    measurements = [Measurement(tenant) for tenant in tenants]
+    measurements: list[Measurement] = []
     with postgrest_standin(url) as standin:
         rest_env = {**service_env, **rest_service_env(standin)}
         async with (
@@ -717,10 +987,30 @@ async def run(args: argparse.Namespace) -> None:
                 metadata=(("authorization", f"Bearer {token}"),),
             )
             methods = contenders.methods()
-            for measurement in measurements:
-                tenant = measurement.tenant
+            for tenant in tenants:
                 reps = args.reps or tenant.reps
+                measurement = Measurement(tenant)
+                measurements.append(measurement)
                 say(f"{tenant.label}: tenant {tenant.tenant_id}, {reps} rounds")
                 await warm_up_and_verify(methods, measurement)
                 await measure(methods, measurement, reps)
-    report(methods, measurements, facts, where)
+                if tenant.label != BACKLOG_TENANT:
+                    continue
+                backlog_methods = [m for m in methods if m.name in BACKLOG_METHODS]
+                backlog_reps = args.reps or BACKLOG_REPS
+                for target in backlogs:
+                    for log_stats in LOG_STATS:
+                        async with pending_deltas(
+                            url, tenant.tenant_id, target, log_stats
+                        ) as pending:
+                            measurement = Measurement(tenant, pending, log_stats)
+                            measurements.append(measurement)
+                            say(f"{measurement.name}: {backlog_reps} rounds")
+                            autovacuums = await log_autovacuum_count(sql_conn)
+                            await warm_up_and_verify(methods, measurement)
+                            await measure(backlog_methods, measurement, backlog_reps)
+                            # The statistics views lag a little: good enough to flag a row.
+                            measurement.autovacuumed = (
+                                await log_autovacuum_count(sql_conn) != autovacuums
+                            )
+    report(methods, measurements, facts, where, drain)

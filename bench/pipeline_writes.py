@@ -4,25 +4,41 @@ Client and quote inserts and updates through psycopg, the way the application
 writes (prepared statements, one connection per writer):
 
 - `single`: one row per statement, autocommit: every write is its own
-  transaction, so every write pays the commit-time apply;
+  transaction;
 - `batch`: 100 rows per statement, one statement per transaction;
 - `bulk`: one statement of 50,000 clients, then one of 100,000 quotes;
 - `concurrent`: 1 and 4 writers in ONE tenant, mixed single-row writes for a
   few seconds each; reports throughput, commit latency and the share of the
-  writers' active time spent waiting for a lock (sampled from pg_stat_activity):
-  the contention on the tenant's aggregate rows.
+  writers' active time spent waiting for a lock (sampled from pg_stat_activity).
 
 Every workload runs with the six `pipeline_track_*` triggers enabled ("on")
 and disabled ("off", what writes cost without the aggregates), alternating
 on/off rounds so that neighbours' load hits both alike, each mode in its own
-tenant of the same starting size. The "on" tenants are checked against the
-full recomputation at the end.
+tenant of the same starting size.
+
+Since migration 0007 a write only appends deltas to `pipeline_deltas`; the
+aggregates are brought up to date by a background compactor in crm_svc. "on"
+therefore includes that compactor, as production runs it: while an "on"
+workload runs, another connection loops `SELECT pipeline_compact(10000)`,
+again at once while it answers "more", else after 0.2 s, so its CPU competes
+with the writers' (the machine has 2). Per "on" workload the compactor's work
+is reported: deltas logged and compacted per second, the share of the time it
+spent inside pipeline_compact, the backlog (rows in pipeline_deltas) when the
+writes ended, and how long it then took to empty the log (the compactor going
+on as in production). The log is empty when each workload starts.
+
+At the end, with the compactor stopped, more writes go into the "on" tenants
+so that deltas are pending; both are checked against the full recomputation
+(`pipeline_verify`: summary and every aggregate row, pending deltas included),
+then every delta is compacted and both are checked again.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import os
 import random
 import shlex
@@ -32,14 +48,19 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import psycopg
 
 from bench.common import (
     BENCH_DATA_DIR,
+    COMPACT_BATCH,
+    COMPACT_IDLE_S,
+    Drain,
     bench_server,
     create_fresh_database,
+    drain_backlog,
     markdown_table,
     percentile,
     say,
@@ -60,7 +81,14 @@ STAGES = ("QUOTED", "NEGOTIATING", "BOOKED", "PAID", "TRAVELLED", "LOST")
 CURRENCIES = ("EUR", "USD", "GBP")
 BATCH_ROWS = 100
 WRITER_APP = "bench_writer"
+COMPACTOR_APP = "bench_compactor"
 OVERHEAD_TARGET = 1.5
+# Single-row writes of each kind per "on" tenant left for the final check.
+FINAL_OPS = 200
+# How long the compactor may take to empty the log after a workload.
+DRAIN_GIVE_UP_S = 600.0
+
+T = TypeVar("T")
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
@@ -195,10 +223,40 @@ WRITES: dict[str, Write] = {
 
 
 @dataclass
+class Compaction:
+    """What the compactor did during one "on" workload."""
+
+    seconds: float  # the workload, from starting the compactor to the writes' end
+    logged: int  # deltas the writes appended to pipeline_deltas
+    compacted: int  # deltas the compactor folded into the aggregates meanwhile
+    busy_s: float  # time the compactor spent inside pipeline_compact meanwhile
+    backlog: int  # rows in pipeline_deltas when the writes ended
+    drain_s: float  # from the writes' end until the log was empty (compactor going on)
+    # CPU seconds of the compactor's PostgreSQL backend from the workload's
+    # start until the log was empty: what folding these deltas cost in all.
+    # None when the server's processes cannot be seen (DATABASE_URL elsewhere).
+    cpu_s: float | None
+
+    @property
+    def logged_per_s(self) -> float:
+        return self.logged / self.seconds
+
+    @property
+    def compacted_per_s(self) -> float:
+        return self.compacted / self.seconds
+
+    @property
+    def busy_share(self) -> float:
+        return self.busy_s / self.seconds
+
+
+@dataclass
 class Result:
-    """Rows written per second, per mode, one value per round."""
+    """Rows written per second, per mode, one value per round; and what the
+    compactor did in each "on" round."""
 
     rates: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in MODES})
+    compaction: list[Compaction] = field(default_factory=list)
 
     def rate(self, mode: str) -> float:
         return statistics.median(self.rates[mode])
@@ -286,8 +344,226 @@ async def concurrent_run(
     )
 
 
+# --- the compactor, as crm_svc runs it ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CompactCall:
+    started: float  # perf_counter
+    ended: float
+    compacted: int
+    more: bool
+    busy: int
+
+
+def _local_backend_stat(pid: int) -> Path | None:
+    """/proc/<pid>/stat of a PostgreSQL backend, if the server runs on this
+    machine (the embedded one does); None otherwise."""
+    proc = Path(f"/proc/{pid}")
+    try:
+        is_postgres = (proc / "comm").read_text().startswith("postgres")
+    except OSError:
+        return None
+    return proc / "stat" if is_postgres else None
+
+
+class Compactor:
+    """crm_svc's background compactor, reproduced on a connection of its own:
+    `pipeline_compact(COMPACT_BATCH)`, again at once while it answers "more",
+    else after COMPACT_IDLE_S. Started and stopped around each "on" workload.
+
+    It is an asyncio task of this process: its Python side is one awaited
+    query per call, while its PostgreSQL backend, where the work is, is a
+    process of its own competing with the writers' backends for the CPUs.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.calls: list[CompactCall] = []
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._in_call_since: float | None = None
+        self._backend_stat: Path | None = None
+
+    async def __aenter__(self) -> Compactor:
+        self._conn = await psycopg.AsyncConnection.connect(
+            self.url, autocommit=True, application_name=COMPACTOR_APP
+        )
+        cursor = await self._conn.execute("SELECT pg_backend_pid()")
+        row = await cursor.fetchone()
+        assert row is not None
+        self._backend_stat = _local_backend_stat(int(row[0]))
+        return self
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user + system) of the compactor's PostgreSQL backend so far."""
+        if self._backend_stat is None:
+            return None
+        try:
+            fields = self._backend_stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        # utime and stime are fields 14 and 15 of /proc/<pid>/stat, in clock ticks.
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+        if self._conn is not None:
+            await self._conn.close()
+
+    def start(self) -> None:
+        assert self._task is None, "the compactor is already running"
+        self._stop.clear()
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        """Stop after the call in progress, if any, has finished."""
+        task, self._task = self._task, None
+        if task is not None:
+            self._stop.set()
+            await task
+
+    async def _loop(self) -> None:
+        assert self._conn is not None
+        while not self._stop.is_set():
+            self._in_call_since = started = time.perf_counter()
+            cursor = await self._conn.execute("SELECT pipeline_compact(%s)", (COMPACT_BATCH,))
+            row = await cursor.fetchone()
+            self._in_call_since = None
+            assert row is not None
+            answer = row[0]
+            more = bool(answer["more"])
+            self.calls.append(
+                CompactCall(
+                    started,
+                    time.perf_counter(),
+                    int(answer["compacted"]),
+                    more,
+                    int(answer["busy"]),
+                )
+            )
+            if not more:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(COMPACT_IDLE_S):
+                        await self._stop.wait()
+
+    def window(self, start: float, end: float) -> tuple[int, float]:
+        """Deltas compacted by the calls that finished within [start, end], and
+        the time spent inside pipeline_compact within it (the call in progress
+        at `end` included)."""
+        compacted = sum(c.compacted for c in self.calls if start <= c.ended <= end)
+        spans = [(c.started, c.ended) for c in self.calls]
+        if self._in_call_since is not None:
+            spans.append((self._in_call_since, end))
+        busy = sum(max(0.0, min(e, end) - max(s, start)) for s, e in spans)
+        return compacted, busy
+
+    async def wait_drained(
+        self, conn: psycopg.AsyncConnection[Any], since: float, backlog: int
+    ) -> float:
+        """Seconds from `since` (the writes' end, when `backlog` deltas were
+        pending) until pipeline_deltas is empty, this compactor going on as in
+        production: the end of the call after which the log was found empty."""
+        if backlog == 0:
+            return 0.0
+        checked = len(self.calls)
+        while True:
+            await asyncio.sleep(0.005)
+            new = self.calls[checked:]
+            checked += len(new)
+            if any(not c.more for c in new) and await count_backlog(conn) == 0:
+                return max(new[-1].ended - since, 0.0)
+            if time.perf_counter() - since > DRAIN_GIVE_UP_S:
+                raise RuntimeError(
+                    f"the compactor did not empty the log within {DRAIN_GIVE_UP_S:g}s"
+                )
+
+
+async def count_backlog(conn: psycopg.AsyncConnection[Any]) -> int:
+    cursor = await conn.execute("SELECT count(*) FROM pipeline_deltas")
+    row = await cursor.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def deltas_logged(conn: psycopg.AsyncConnection[Any]) -> int:
+    """How many deltas were ever appended: the log's identity sequence (cache 1,
+    and no write here rolls back, so every value is one delta)."""
+    cursor = await conn.execute(
+        "SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('pipeline_deltas', 'id')), 0)"
+    )
+    row = await cursor.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def workload(
+    mode: str,
+    conn: psycopg.AsyncConnection[Any],
+    compactor: Compactor,
+    body: Callable[[], Awaitable[T]],
+) -> tuple[T, Compaction | None]:
+    """Run `body`; in "on" mode with the compactor running alongside, and
+    until it has emptied the log afterwards."""
+    if mode != "on":
+        return await body(), None
+    if await count_backlog(conn):
+        raise RuntimeError("deltas pending before an 'on' workload: the log should be empty")
+    logged_before = await deltas_logged(conn)
+    cpu_before = compactor.cpu_seconds()
+    started = time.perf_counter()
+    compactor.start()
+    try:
+        value = await body()
+        ended = time.perf_counter()
+        compacted, busy_s = compactor.window(started, ended)
+        backlog = await count_backlog(conn)
+        drain_s = await compactor.wait_drained(conn, ended, backlog)
+    finally:
+        await compactor.stop()
+    cpu_after = compactor.cpu_seconds()
+    cpu_s = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+    logged = await deltas_logged(conn) - logged_before
+    return value, Compaction(ended - started, logged, compacted, busy_s, backlog, drain_s, cpu_s)
+
+
+# --- the run ---------------------------------------------------------------------------
+
+
 def _fmt_rate(rate: float) -> str:
     return f"{rate:,.0f}"
+
+
+@dataclass(frozen=True)
+class Check:
+    tenant_id: str
+    pending: int  # deltas pending at the first check
+    drift_pending: bool  # drift found with them pending
+    drift_compacted: bool  # drift found after compacting everything
+    pending_after: int
+
+    def describe(self) -> str:
+        def verdict(drift: bool) -> str:
+            return "DRIFT" if drift else "exact"
+
+        return (
+            f"{self.tenant_id}: {verdict(self.drift_pending)} with {self.pending:,} deltas pending,"
+            f" {verdict(self.drift_compacted)} after compacting them"
+            f" ({self.pending_after:,} pending)"
+        )
+
+    @property
+    def ok(self) -> bool:
+        return not (self.drift_pending or self.drift_compacted)
+
+
+async def verify(conn: psycopg.AsyncConnection[Any], tenant_id: str) -> tuple[bool, int]:
+    """(drift, pending deltas) from pipeline_verify, in one snapshot."""
+    cursor = await conn.execute("SELECT pipeline_verify(%s)", (tenant_id,))
+    row = await cursor.fetchone()
+    assert row is not None
+    return bool(row[0]["drift"]), int(row[0]["pending_deltas"])
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -299,10 +575,14 @@ async def run(args: argparse.Namespace) -> None:
     rounds = args.reps or 2
     ops = args.writes_ops
     base = args.writes_base
+    batch_statements = max(ops // BATCH_ROWS * 2, 10)
 
-    async with await psycopg.AsyncConnection.connect(
-        url, autocommit=True, application_name=WRITER_APP
-    ) as conn:
+    async with (
+        await psycopg.AsyncConnection.connect(
+            url, autocommit=True, application_name=WRITER_APP
+        ) as conn,
+        Compactor(url) as compactor,
+    ):
         tenants: dict[str, Tenant] = {}
         for mode in MODES:
             started = time.perf_counter()
@@ -314,6 +594,8 @@ async def run(args: argparse.Namespace) -> None:
                 f"writes: tenant {tenant_id}: {base:,} clients, {2 * base:,} quotes,"
                 f" triggers {mode}, {time.perf_counter() - started:.1f}s"
             )
+        # The "on" tenant's rows were logged as deltas: fold them in before timing.
+        setup_drain = await asyncio.to_thread(drain_backlog, url, label="writes: setup")
         await conn.execute("VACUUM (ANALYZE) clients, quotes")
 
         single = {name: Result() for name in WRITES}
@@ -327,86 +609,178 @@ async def run(args: argparse.Namespace) -> None:
                 await tenant.refresh(conn)
                 for i, (name, write) in enumerate(WRITES.items()):
                     seed = round_index * 10 + i
-                    single[name].rates[mode].append(
-                        await timed_writes(conn, tenant, write, statements=ops, rows=1, seed=seed)
-                    )
-                    batch[name].rates[mode].append(
-                        await timed_writes(
+                    for results, statements, rows in (
+                        (single, ops, 1),
+                        (batch, batch_statements, BATCH_ROWS),
+                    ):
+                        body = functools.partial(
+                            timed_writes,
                             conn,
                             tenant,
                             write,
-                            statements=max(ops // BATCH_ROWS * 2, 10),
-                            rows=BATCH_ROWS,
+                            statements=statements,
+                            rows=rows,
                             seed=seed,
                         )
-                    )
+                        rate, compaction = await workload(mode, conn, compactor, body)
+                        results[name].rates[mode].append(rate)
+                        if compaction is not None:
+                            results[name].compaction.append(compaction)
                 say(
                     f"writes: round {round_index + 1}/{rounds}, triggers {mode}: "
                     + ", ".join(f"{n} {_fmt_rate(r.rates[mode][-1])}/s" for n, r in single.items())
                 )
 
         bulk: dict[str, dict[str, float]] = {}
+        bulk_compaction: Compaction | None = None
         for mode in MODES:
             await set_triggers(conn, mode == "on")
             tenant_id = f"bulk-{mode}"
-            started = time.perf_counter()
             await conn.execute(
                 "INSERT INTO tenants (id, name) VALUES (%s, 'writes bench')", (tenant_id,)
             )
-            t0 = time.perf_counter()
-            await conn.execute(
-                "INSERT INTO clients (tenant_id, email, pipeline_stage)"
-                " SELECT %s, 'b' || g || '@x.io', (%s::text[])[1 + g %% 6]"
-                " FROM generate_series(1, 50000) g",
-                (tenant_id, list(STAGES)),
+            body = functools.partial(bulk_inserts, conn, tenant_id)
+            bulk[mode], compaction = await workload(mode, conn, compactor, body)
+            if compaction is not None:
+                bulk_compaction = compaction
+            say(
+                f"writes: bulk, triggers {mode}: {50_000 / bulk[mode]['clients']:.2f}s clients,"
+                f" {100_000 / bulk[mode]['quotes']:.2f}s quotes"
+                + (
+                    f"; backlog {compaction.backlog:,} deltas at the end, drained in"
+                    f" {compaction.drain_s:.2f}s"
+                    if compaction
+                    else ""
+                )
             )
-            t1 = time.perf_counter()
-            await conn.execute(
-                "INSERT INTO quotes (tenant_id, customer_email, total_price, currency)"
-                " SELECT %s, ' B' || (1 + g %% 50000) || '@x.io', 10 + (g %% 997) * 1.01,"
-                " (%s::text[])[1 + g %% 3] FROM generate_series(1, 100000) g",
-                (tenant_id, list(CURRENCIES)),
-            )
-            t2 = time.perf_counter()
-            bulk[mode] = {"clients": 50_000 / (t1 - t0), "quotes": 100_000 / (t2 - t1)}
-            say(f"writes: bulk, triggers {mode}: {t1 - t0:.2f}s clients, {t2 - t1:.2f}s quotes")
 
         concurrent: dict[tuple[int, str], ConcurrentRun] = {}
+        concurrent_compaction: dict[int, Compaction] = {}
         for writers in (1, 4):
             for mode in MODES:
                 await set_triggers(conn, mode == "on")
                 tenant = tenants[mode]
                 await tenant.refresh(conn)
-                concurrent[(writers, mode)] = await concurrent_run(
-                    url, tenant, writers, args.writes_seconds, seed=writers
+                body = functools.partial(
+                    concurrent_run, url, tenant, writers, args.writes_seconds, seed=writers
                 )
-                result = concurrent[(writers, mode)]
+                result, compaction = await workload(mode, conn, compactor, body)
+                concurrent[(writers, mode)] = result
+                if compaction is not None:
+                    concurrent_compaction[writers] = compaction
                 say(
                     f"writes: {writers} writer(s), triggers {mode}: {result.ops_per_s:,.0f} ops/s,"
                     f" lock waits {result.lock_wait_share:.0%}"
                 )
         await set_triggers(conn, True)
 
-        # The timed writes must have left exact aggregates behind.
+        # The timed writes must have left exact aggregates behind, whether or
+        # not the deltas have been compacted yet: leave some pending (the
+        # compactor is stopped), check, compact everything, check again.
+        on_tenants = [tenants["on"], Tenant("bulk-on")]
+        for tenant in on_tenants:
+            await tenant.refresh(conn)
+            for i, write in enumerate(WRITES.values()):
+                await timed_writes(conn, tenant, write, statements=FINAL_OPS, rows=1, seed=100 + i)
+                await timed_writes(conn, tenant, write, statements=5, rows=BATCH_ROWS, seed=200 + i)
+        pending_checks = {t.tenant_id: await verify(conn, t.tenant_id) for t in on_tenants}
+        final_drain = await asyncio.to_thread(
+            drain_backlog, url, vacuum=False, label="writes: final compaction"
+        )
         checks = []
-        for tenant_id in (tenants["on"].tenant_id, "bulk-on"):
-            cur = await conn.execute("SELECT pipeline_verify(%s)", (tenant_id,))
-            row = await cur.fetchone()
-            assert row is not None
-            checks.append(f"{tenant_id}: {'DRIFT' if row[0]['drift'] else 'exact'}")
-        say("writes: aggregates vs recomputation: " + ", ".join(checks))
+        for tenant in on_tenants:
+            drift_pending, pending = pending_checks[tenant.tenant_id]
+            drift_compacted, pending_after = await verify(conn, tenant.tenant_id)
+            checks.append(
+                Check(tenant.tenant_id, pending, drift_pending, drift_compacted, pending_after)
+            )
+        say("writes: aggregates vs recomputation: " + "; ".join(c.describe() for c in checks))
 
-    report(single, batch, bulk, concurrent, facts, where, checks, base, rounds, ops)
+    assert bulk_compaction is not None
+    report(
+        single,
+        batch,
+        bulk,
+        bulk_compaction,
+        concurrent,
+        concurrent_compaction,
+        facts,
+        where,
+        checks,
+        setup_drain,
+        final_drain,
+        base,
+        rounds,
+        ops,
+    )
+    if not all(check.ok for check in checks):
+        raise SystemExit("writes: the aggregates drifted from the recomputation")
+
+
+async def bulk_inserts(conn: psycopg.AsyncConnection[Any], tenant_id: str) -> dict[str, float]:
+    """50,000 clients in one statement, then 100,000 quotes in one: rows/s of each."""
+    t0 = time.perf_counter()
+    await conn.execute(
+        "INSERT INTO clients (tenant_id, email, pipeline_stage)"
+        " SELECT %s, 'b' || g || '@x.io', (%s::text[])[1 + g %% 6]"
+        " FROM generate_series(1, 50000) g",
+        (tenant_id, list(STAGES)),
+    )
+    t1 = time.perf_counter()
+    await conn.execute(
+        "INSERT INTO quotes (tenant_id, customer_email, total_price, currency)"
+        " SELECT %s, ' B' || (1 + g %% 50000) || '@x.io', 10 + (g %% 997) * 1.01,"
+        " (%s::text[])[1 + g %% 3] FROM generate_series(1, 100000) g",
+        (tenant_id, list(CURRENCIES)),
+    )
+    t2 = time.perf_counter()
+    return {"clients": 50_000 / (t1 - t0), "quotes": 100_000 / (t2 - t1)}
+
+
+# --- the report --------------------------------------------------------------------------
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def _compaction_row(label: str, runs: list[Compaction]) -> list[str]:
+    """Medians over the rounds (one run for bulk and concurrent)."""
+    backlog = _median([r.backlog for r in runs])
+    drain_s = _median([r.drain_s for r in runs])
+    # Only a backlog of more than one call's batch says how fast the log drains;
+    # a smaller one is gone after one call, and the idle sleep dominates.
+    drain_rate = _median(
+        [r.backlog / r.drain_s for r in runs if r.drain_s > 0 and r.backlog > COMPACT_BATCH]
+        or [0.0]
+    )
+    cpu = [r.cpu_s for r in runs if r.cpu_s is not None]
+    return [
+        label,
+        str(len(runs)),
+        _fmt_rate(_median([r.logged for r in runs])),
+        _fmt_rate(_median([r.logged_per_s for r in runs])),
+        _fmt_rate(_median([r.compacted_per_s for r in runs])),
+        f"{_median([r.busy_share for r in runs]):.0%}",
+        _fmt_rate(backlog),
+        f"{drain_s:.2f}",
+        _fmt_rate(drain_rate) if drain_rate else "-",
+        f"{_median(cpu):.2f}" if cpu else "-",
+    ]
 
 
 def report(
     single: dict[str, Result],
     batch: dict[str, Result],
     bulk: dict[str, dict[str, float]],
+    bulk_compaction: Compaction,
     concurrent: dict[tuple[int, str], ConcurrentRun],
+    concurrent_compaction: dict[int, Compaction],
     facts: dict[str, str],
     where: str,
-    checks: list[str],
+    checks: list[Check],
+    setup_drain: Drain,
+    final_drain: Drain,
     base: int,
     rounds: int,
     ops: int,
@@ -425,7 +799,20 @@ def report(
         f" {2 * base:,} quotes; {rounds} alternating rounds per mode, median shown;"
         f" single = {ops:,} autocommit statements of 1 row, batch = statements of {BATCH_ROWS} rows"
     )
-    print(f"- afterwards: {', '.join(checks)}")
+    print(
+        f"- on = triggers logging deltas (0007) AND the background compactor running alongside"
+        f" as crm_svc runs it (its own connection, `pipeline_compact({COMPACT_BATCH})` again at"
+        f' once while "more", else after {COMPACT_IDLE_S:g}s), started with an empty log;'
+        " off = triggers disabled, no compactor"
+    )
+    print(f'- setup: the "on" tenant\'s initial rows: {setup_drain.describe()}')
+    print(
+        '- afterwards, compactor stopped: more writes into the "on" tenants, then'
+        " `pipeline_verify` (summary and every aggregate row vs the recomputation, pending"
+        f" deltas included), every delta compacted ({final_drain.describe()}), checked again:"
+    )
+    for check in checks:
+        print(f"  - {check.describe()}")
     print()
     rows = []
     for label, results in (("single", single), ("batch", batch)):
@@ -480,6 +867,43 @@ def report(
             ["writers", "triggers", "writes/s", "p50 ms", "p95 ms", "lock-wait share"],
             crows,
             right=(0, 2, 3, 4, 5),
+        )
+    )
+    print()
+    print(
+        'The compactor during the "on" workloads (medians over the rounds): deltas the writes'
+        " logged; logged and compacted per second of the workload; the share of the workload"
+        " it spent inside pipeline_compact; the backlog (rows in pipeline_deltas) when the"
+        " writes ended; the time from then until the log was empty, the compactor going on"
+        f' (it sleeps {COMPACT_IDLE_S:g}s whenever a call answers no "more"), and the'
+        f" backlog / that time when the backlog exceeded one call's {COMPACT_BATCH:,} deltas;"
+        " and the CPU time of the compactor's PostgreSQL backend from the workload's start until"
+        " the log was empty (/proc), i.e. what folding the workload's deltas cost in all:"
+    )
+    print()
+    krows = []
+    for label, results in (("single", single), ("batch", batch)):
+        for name, result in results.items():
+            krows.append(_compaction_row(f"{name}, {label}", result.compaction))
+    krows.append(_compaction_row("bulk: 50k clients + 100k quotes", [bulk_compaction]))
+    for writers, compaction in sorted(concurrent_compaction.items()):
+        krows.append(_compaction_row(f"concurrent, {writers} writer(s)", [compaction]))
+    print(
+        markdown_table(
+            [
+                "workload (on)",
+                "n",
+                "deltas logged",
+                "logged/s",
+                "compacted/s",
+                "compactor busy",
+                "backlog at end",
+                "drain s",
+                "drained deltas/s",
+                "compactor CPU s",
+            ],
+            krows,
+            right=(1, 2, 3, 4, 5, 6, 7, 8, 9),
         )
     )
     print()

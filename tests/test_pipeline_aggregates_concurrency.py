@@ -56,6 +56,18 @@ def run_together(*work: Callable[[], None]) -> list[BaseException]:
     return failures
 
 
+def wait_until_blocked(sql: psycopg.Connection[Any], pid: int, failure: str) -> None:
+    """Wait (up to 5 s) until backend `pid` waits for a lock."""
+    for _ in range(500):
+        row = sql.execute(
+            "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,)
+        ).fetchone()
+        if row == ("Lock",):
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError(failure)
+
+
 def test_statements_interleaved_in_opposite_orders_do_not_deadlock(
     database_url: str, sql: psycopg.Connection[Any]
 ) -> None:
@@ -339,15 +351,7 @@ def test_a_delete_waiting_for_a_reactivation_is_counted(
             deleter.commit()
 
         def reactivate_once_the_delete_waits() -> None:
-            for _ in range(500):
-                row = sql.execute(
-                    "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (deleter_pid,)
-                ).fetchone()
-                if row == ("Lock",):
-                    break
-                threading.Event().wait(0.01)
-            else:
-                raise AssertionError("the delete never waited for the tenant lock")
+            wait_until_blocked(sql, deleter_pid, "the delete never waited for the tenant lock")
             reactivation.commit()
 
         assert run_together(delete, reactivate_once_the_delete_waits) == []
@@ -378,16 +382,7 @@ def test_a_compaction_waiting_for_a_full_rebuild_applies_nothing_twice(
             results.append(row)
 
         def commit_once_it_waits() -> None:
-            for _ in range(500):
-                row = sql.execute(
-                    "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
-                    (compactor_pid,),
-                ).fetchone()
-                if row == ("Lock",):
-                    break
-                threading.Event().wait(0.01)
-            else:
-                raise AssertionError("the compaction never waited for the rebuild")
+            wait_until_blocked(sql, compactor_pid, "the compaction never waited for the rebuild")
             rebuilder.commit()
 
         assert run_together(compact_now, commit_once_it_waits) == []

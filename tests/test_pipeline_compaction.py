@@ -32,7 +32,12 @@ from shared.deadline import Deadline
 from shared.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from tests.factories import add_clients, add_quotes, create_tenant, unique_tenant
 from tests.postgrest_standin import PostgrestStandin
-from tests.test_service_process import Service, tokens_toml
+from tests.test_service_process import (
+    Service,
+    kill_if_running,
+    start_crm_process,
+    tokens_toml,
+)
 
 # Generous bounds on waits for something that normally takes milliseconds.
 DRAIN_WAIT_S = 15.0
@@ -336,16 +341,9 @@ async def crm_process(
         secrets.append(key)
     else:
         env["DATABASE_URL"] = database_url
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "crm_svc", env=env, stderr=asyncio.subprocess.PIPE
-    )
-    service = Service(process, 0, tokens_file)
-    match = await service.read_until(r"serving crm\.v1\.CrmService on port (\d+)")
-    service.port = int(match.group(1))
+    service = await start_crm_process(env, tokens_file)
     yield service
-    if process.returncode is None:
-        process.kill()
-        await process.wait()
+    await kill_if_running(service)
     log_text = "".join(service.log)
     for secret in secrets:
         assert secret not in log_text

@@ -53,6 +53,23 @@ class Service:
                 self.log.append(raw.decode())
 
 
+async def start_crm_process(env: dict[str, str], tokens_file: Path) -> Service:
+    """`python -m crm_svc` with `env`, once it serves (on the port it logged)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "crm_svc", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    service = Service(process, 0, tokens_file)
+    match = await service.read_until(r"serving crm\.v1\.CrmService on port (\d+)")
+    service.port = int(match.group(1))
+    return service
+
+
+async def kill_if_running(service: Service) -> None:
+    if service.process.returncode is None:
+        service.process.kill()
+        await service.process.wait()
+
+
 @pytest_asyncio.fixture
 async def service(database_url: str, tmp_path: Path) -> AsyncIterator[Service]:
     tokens_file = tmp_path / "tokens.toml"
@@ -63,16 +80,9 @@ async def service(database_url: str, tmp_path: Path) -> AsyncIterator[Service]:
         "AUTH_TOKENS_FILE": str(tokens_file),
         "CRM_LISTEN": "127.0.0.1:0",
     }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "crm_svc", env=env, stderr=asyncio.subprocess.PIPE
-    )
-    service = Service(process, 0, tokens_file)
-    match = await service.read_until(r"serving crm\.v1\.CrmService on port (\d+)")
-    service.port = int(match.group(1))
+    service = await start_crm_process(env, tokens_file)
     yield service
-    if process.returncode is None:
-        process.kill()
-        await process.wait()
+    await kill_if_running(service)
 
 
 async def summary(port: int, tenant: str, token: str) -> grpc.StatusCode:

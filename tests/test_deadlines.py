@@ -143,11 +143,11 @@ async def test_caller_without_deadline_gets_the_server_default(
 
 
 async def test_burst_beyond_the_pool_ends_within_the_deadline(
-    database_url: str, tokens: TokenRegistry, blocked_tenant: str
+    direct_url: str, tokens: TokenRegistry, blocked_tenant: str
 ) -> None:
     """Twenty concurrent calls on a two-connection pool, all blocked: each one
     ends with DEADLINE_EXCEEDED or UNAVAILABLE by its deadline; none hangs."""
-    small = PostgresDatabase(database_url, application_name="crm_burst", min_size=2, max_size=2)
+    small = PostgresDatabase(direct_url, application_name="crm_burst", min_size=2, max_size=2)
     await small.open(wait_s=10)
     handle = await start_crm_server(small, tokens)
     try:

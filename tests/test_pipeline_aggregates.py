@@ -370,18 +370,18 @@ def run_verify_command(database_url: str, *args: str) -> subprocess.CompletedPro
     )
 
 
-def test_verify_command_exit_status(database_url: str, sql: psycopg.Connection[Any]) -> None:
+def test_verify_command_exit_status(direct_url: str, sql: psycopg.Connection[Any]) -> None:
     drifting = drift_tenant(sql)
-    found = run_verify_command(database_url)
+    found = run_verify_command(direct_url)
     assert found.returncode == verify.EXIT_DRIFT, found.stdout + found.stderr
     assert f"{drifting}: DRIFT" in found.stdout
-    repaired = run_verify_command(database_url, "--tenant", drifting, "--repair")
+    repaired = run_verify_command(direct_url, "--tenant", drifting, "--repair")
     assert repaired.returncode == verify.EXIT_DRIFT
     assert "  repaired: ok" in repaired.stdout
-    clean = run_verify_command(database_url, "--tenant", drifting)
+    clean = run_verify_command(direct_url, "--tenant", drifting)
     assert clean.returncode == verify.EXIT_OK, clean.stdout
     assert clean.stdout.splitlines()[0] == f"{drifting}: ok"
-    bad = run_verify_command(database_url, "--tenant", "Not A Tenant")
+    bad = run_verify_command(direct_url, "--tenant", "Not A Tenant")
     assert bad.returncode == verify.EXIT_ERROR
 
 

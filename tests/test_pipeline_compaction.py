@@ -30,6 +30,8 @@ from crm_svc.compaction import (
 from shared.database import Database
 from shared.deadline import Deadline
 from shared.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from tests import polling
+from tests.conftest import url_for
 from tests.factories import add_clients, add_quotes, create_tenant, unique_tenant
 from tests.postgrest_standin import PostgrestStandin
 from tests.test_service_process import (
@@ -115,15 +117,7 @@ def tenant_with_backlog(sql: psycopg.Connection[Any]) -> Iterator[str]:
 
 
 async def wait_until(condition: Any, what: str, timeout_s: float = DRAIN_WAIT_S) -> None:
-    """Poll `condition()` (a plain function) until it holds; fail after `timeout_s`."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                if condition():
-                    return
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"not within {timeout_s}s: {what}") from None
+    await polling.wait_until(condition, what, timeout_s)
 
 
 def compaction_errors() -> float:
@@ -340,7 +334,7 @@ async def crm_process(
         env |= {"SUPABASE_URL": standin.url, "SUPABASE_SERVICE_ROLE_KEY": key}
         secrets.append(key)
     else:
-        env["DATABASE_URL"] = database_url
+        env["DATABASE_URL"] = url_for(transport, database_url, request)
     service = await start_crm_process(env, tokens_file)
     yield service
     await kill_if_running(service)
@@ -361,8 +355,12 @@ async def stop(service: Service) -> str:
 
 @pytest.mark.parametrize(
     "crm_process",
-    [("postgres", {"CRM_PIPELINE_COMPACT_INTERVAL_S": "0.05"}), ("rest", {})],
-    ids=["postgres", "rest"],
+    [
+        ("postgres", {"CRM_PIPELINE_COMPACT_INTERVAL_S": "0.05"}),
+        ("pooled", {"CRM_PIPELINE_COMPACT_INTERVAL_S": "0.05"}),
+        ("rest", {}),
+    ],
+    ids=["postgres", "pooled", "rest"],
     indirect=True,
 )
 async def test_the_service_compacts_in_the_background(

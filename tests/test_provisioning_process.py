@@ -82,13 +82,13 @@ async def provisioning_process(env: dict[str, str], tmp_path: Path) -> AsyncIter
 
 
 async def test_the_service_process_deprovisions_in_dev_mode(
-    database_url: str, sql: psycopg.Connection[Any], tmp_path: Path
+    direct_url: str, sql: psycopg.Connection[Any], tmp_path: Path
 ) -> None:
     clients_dir = tmp_path / "clients"
     clients_dir.mkdir()
     tenant = unique_tenant("proc")
     rows = seed_tenant(sql, tenant, sendgrid_username="proc-mail", clients_dir=clients_dir)
-    env = {"DATABASE_URL": database_url, "CLIENTS_DIR": str(clients_dir), "DEV_MODE": "1"}
+    env = {"DATABASE_URL": direct_url, "CLIENTS_DIR": str(clients_dir), "DEV_MODE": "1"}
     async with provisioning_process(env, tmp_path) as service:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
             stub = provisioning_pb2_grpc.ProvisioningServiceStub(channel)
@@ -114,11 +114,11 @@ async def test_the_service_process_deprovisions_in_dev_mode(
 
 
 async def test_without_a_key_outside_dev_mode_the_process_refuses_to_start_deprovisioning(
-    database_url: str, sql: psycopg.Connection[Any], tmp_path: Path
+    direct_url: str, sql: psycopg.Connection[Any], tmp_path: Path
 ) -> None:
     tenant = unique_tenant("proc")
     seed_tenant(sql, tenant)
-    env = {"DATABASE_URL": database_url, "CLIENTS_DIR": str(tmp_path), "DEV_MODE": ""}
+    env = {"DATABASE_URL": direct_url, "CLIENTS_DIR": str(tmp_path), "DEV_MODE": ""}
     async with provisioning_process(env, tmp_path) as service:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
             stub = provisioning_pb2_grpc.ProvisioningServiceStub(channel)

@@ -71,12 +71,12 @@ async def kill_if_running(service: Service) -> None:
 
 
 @pytest_asyncio.fixture
-async def service(database_url: str, tmp_path: Path) -> AsyncIterator[Service]:
+async def service(direct_url: str, tmp_path: Path) -> AsyncIterator[Service]:
     tokens_file = tmp_path / "tokens.toml"
     tokens_file.write_text(tokens_toml("caller-a", TOKEN_A))
     env = {
         **os.environ,
-        "DATABASE_URL": database_url,
+        "DATABASE_URL": direct_url,
         "AUTH_TOKENS_FILE": str(tokens_file),
         "CRM_LISTEN": "127.0.0.1:0",
     }

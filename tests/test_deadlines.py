@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,8 +19,9 @@ from shared.database.postgres import PostgresDatabase
 from shared.deadline import SAFETY_MARGIN_S, Deadline
 from shared.errors import DeadlineExceeded
 from shared.proto_gen.crm.v1 import crm_pb2, crm_pb2_grpc
-from tests.conftest import TOKEN_READER, start_crm_server
+from tests.conftest import TEST_DB, TOKEN_READER, start_crm_server
 from tests.factories import create_tenant, unique_tenant
+from tests.pooler import Pooler
 from tests.rpc import bearer, error_info
 
 
@@ -173,3 +175,31 @@ async def test_burst_beyond_the_pool_ends_within_the_deadline(
     codes = {code for code, _ in results}
     assert codes <= {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE}, codes
     assert max(elapsed for _, elapsed in results) < 0.7
+
+
+async def test_a_call_queued_in_the_pooler_ends_by_its_deadline(
+    pooler: Pooler, pg_server_url: str, database_url: str, tmp_path: Path
+) -> None:
+    """A transaction pooler queues a statement while every server connection is
+    busy; the cancellation of a queued statement takes effect only once one is
+    free. The call still ends by its deadline, with the service's own status."""
+    narrow = Pooler(pg_server_url, tmp_path, pool_size=1).start()
+    url = narrow.url(TEST_DB)
+    holder = await psycopg.AsyncConnection.connect(url, prepare_threshold=None)
+    await holder.execute("SELECT 1")  # holds the only server connection: a transaction is open
+    db = PostgresDatabase(url, application_name="crm_queued", min_size=1, max_size=2)
+    try:
+        await db.open(wait_s=10)
+        for _ in range(2):  # a fresh connection (checked first), then the one just used
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceeded) as caught:
+                await db.ping(Deadline.after(0.5))
+            elapsed = time.monotonic() - started
+            assert caught.value.reason == "DB_TIMEOUT"
+            assert elapsed < 0.5, f"answered {elapsed:.3f}s after a 0.5 s deadline began"
+        await holder.rollback()  # the server connection is free again
+        await db.ping(Deadline.after(5.0))
+    finally:
+        await holder.close()
+        await db.close()
+        narrow.stop()

@@ -17,6 +17,7 @@ the same name), and the settings are transaction-local.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -37,12 +38,15 @@ log = logging.getLogger(__name__)
 # Extra client-side wait past the server-side timeout, so that the server's
 # own (clean) statement_timeout error normally wins the race.
 CLIENT_GRACE_S = 0.05
-# How long a call that gives up waits for its statement's cancellation.
+# How long a call that gives up waits for its statement's cancellation
+# before closing the connection instead.
 CANCEL_WAIT_S = SAFETY_MARGIN_S / 4
 # While the database is known to be down, a call waits this long for a
 # connection (its wait also starts a reconnect attempt), then fails fast.
 DOWN_PROBE_S = 0.2
 RECONNECT_GIVE_UP_S = 2.0
+# A pooled connection idle at least this long is tested before it is handed out.
+CHECK_IDLE_AFTER_S = 1.0
 
 
 # The bound parameter that carries the timeout; SQL function arguments are
@@ -64,25 +68,38 @@ def _with_timeouts(query: sql.Composable) -> sql.Composed:
     return sql.Composed([timeouts, sql.SQL("; "), query])
 
 
+# The message a call waiting for a connection is cancelled with when the
+# database turns out to be down, so that it fails fast.
+_WENT_DOWN = "database went down"
+
+
 class _Reachability:
-    """Whether the last attempt to open a connection failed."""
+    """Whether the last attempt to open a connection failed; who waits for one."""
 
     def __init__(self) -> None:
         self.down_since: float | None = None
-        self.went_down = asyncio.Event()
+        # Tasks waiting for a pooled connection: an outage ends their wait.
+        self.waiting: set[asyncio.Task[Any]] = set()
 
     def mark_down(self) -> None:
         if self.down_since is None:
             self.down_since = time.monotonic()
-            self.went_down.set()
+            for task in self.waiting:
+                task.cancel(_WENT_DOWN)
 
     def mark_up(self) -> None:
         self.down_since = None
-        self.went_down.clear()
 
 
-def _tracked_connection_class(reach: _Reachability) -> type[psycopg.AsyncConnection[Any]]:
-    class TrackedConnection(psycopg.AsyncConnection[Any]):
+class _TrackedConnection(psycopg.AsyncConnection[Any]):
+    """A connection that reports failed connects and knows when it was last used."""
+
+    # time.monotonic() when a call last finished on it with the connection sound.
+    last_used = 0.0
+
+
+def _tracked_connection_class(reach: _Reachability) -> type[_TrackedConnection]:
+    class TrackedConnection(_TrackedConnection):
         @classmethod
         async def connect(cls, *args: Any, **kwargs: Any) -> TrackedConnection:  # type: ignore[override]
             try:
@@ -94,6 +111,34 @@ def _tracked_connection_class(reach: _Reachability) -> type[psycopg.AsyncConnect
             return conn
 
     return TrackedConnection
+
+
+async def _check_if_idle(conn: _TrackedConnection) -> None:
+    """Test a connection before handing it out, unless it was used a moment ago.
+
+    After a database restart the idle connections are dead; one empty round
+    trip finds out. A connection in use within the last CHECK_IDLE_AFTER_S
+    was alive then: testing it too would add a round trip to every call.
+    """
+    if time.monotonic() - conn.last_used >= CHECK_IDLE_AFTER_S:
+        await AsyncConnectionPool.check_connection(conn)
+
+
+_PING = _with_timeouts(sql.SQL("SELECT 1")).as_string(None)
+
+
+@functools.lru_cache(maxsize=256)
+def _call_query(function: str, names: tuple[str, ...]) -> str:
+    """`SELECT function(name => %(name)s, ...)` preceded by the transaction-local
+    timeouts, as one message (see `_with_timeouts`); composed once per shape."""
+    call = sql.SQL("SELECT {}({})").format(
+        sql.Identifier(function),
+        sql.SQL(", ").join(
+            sql.SQL("{} => {}").format(sql.Identifier(name), sql.Placeholder(name))
+            for name in names
+        ),
+    )
+    return _with_timeouts(call).as_string(None)
 
 
 class PostgresDatabase:
@@ -123,9 +168,7 @@ class PostgresDatabase:
                 "prepare_threshold": None,
             },
             connection_class=_tracked_connection_class(self._reach),
-            # After a database restart the idle connections are dead: test each
-            # one before handing it out (one empty round trip).
-            check=AsyncConnectionPool.check_connection,
+            check=_check_if_idle,
             # Give up background reconnects quickly: the next call that waits for
             # a connection starts a fresh attempt at once, instead of waiting
             # out an ever longer backoff. This bounds recovery after an outage.
@@ -143,7 +186,7 @@ class PostgresDatabase:
         return self._reach.down_since is None
 
     async def ping(self, deadline: Deadline) -> None:
-        await self._run(sql.SQL("SELECT 1"), {}, deadline, cap_s=2.0, operation="ping")
+        await self._run(_PING, {}, deadline, cap_s=2.0, operation="ping")
 
     async def call(
         self,
@@ -154,19 +197,17 @@ class PostgresDatabase:
         cap_s: float = DEFAULT_CALL_CAP_S,
         tenant_id: str | None = None,
     ) -> Any:
-        query = sql.SQL("SELECT {}({})").format(
-            sql.Identifier(function),
-            sql.SQL(", ").join(
-                sql.SQL("{} => {}").format(sql.Identifier(name), sql.Placeholder(name))
-                for name in args
-            ),
-        )
+        query = _call_query(function, tuple(args))
         return await self._run(
             query, args, deadline, cap_s=cap_s, operation=function, tenant_id=tenant_id
         )
 
-    async def _acquire(self, ends_at: float, operation: str) -> psycopg.AsyncConnection[Any]:
-        """A pooled connection before `ends_at`; fail fast while the database is down."""
+    async def _acquire(self, ends_at: float, operation: str) -> _TrackedConnection:
+        """A pooled connection before `ends_at`; fail fast while the database is down.
+
+        An outage noticed while it waits cancels the waiting task with
+        _WENT_DOWN, which ends the wait here.
+        """
         left = ends_at - time.monotonic()
         if left < MIN_BUDGET_S:
             raise DeadlineExceeded(
@@ -183,39 +224,29 @@ class PostgresDatabase:
                 return await self._pool.getconn(timeout=min(left, DOWN_PROBE_S))
             except PoolTimeout:
                 raise unreachable from None
-        # One uninterrupted wait keeps this call's place in the pool's queue;
-        # an outage noticed meanwhile ends it early.
-        getting = asyncio.ensure_future(self._pool.getconn(timeout=left))
-        went_down = asyncio.ensure_future(self._reach.went_down.wait())
+        task = asyncio.current_task()
+        assert task is not None
+        self._reach.waiting.add(task)
         try:
-            await asyncio.wait({getting, went_down}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            went_down.cancel()
-            settled = getting.done()
-            if not settled:
-                getting.cancel()
-                getting.add_done_callback(self._return_if_obtained)
-        if not settled:
-            raise unreachable
-        try:
-            return getting.result()
+            # psycopg_pool gives the connection back if the wait is cancelled.
+            return await self._pool.getconn(timeout=left)
         except PoolTimeout:
             raise DeadlineExceeded(
                 "no database connection free within the deadline",
                 reason="POOL_EXHAUSTED",
                 metadata={"operation": operation},
             ) from None
-
-    def _return_if_obtained(self, getting: asyncio.Future[psycopg.AsyncConnection[Any]]) -> None:
-        """An abandoned wait that got a connection anyway gives it back."""
-        if not getting.cancelled() and getting.exception() is None:
-            task = asyncio.ensure_future(self._pool.putconn(getting.result()))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        except asyncio.CancelledError as cancelled:
+            if cancelled.args != (_WENT_DOWN,):
+                raise
+            task.uncancel()
+            raise unreachable from None
+        finally:
+            self._reach.waiting.discard(task)
 
     async def _run(
         self,
-        query: sql.Composable,
+        query: str,
         args: Mapping[str, Any],
         deadline: Deadline,
         *,
@@ -226,7 +257,10 @@ class PostgresDatabase:
         budget = deadline.budget(cap_s, operation)
         # The client side gives up after the server-side timeout (plus a grace),
         # but always inside the caller's safety margin.
-        wait_s = min(budget + CLIENT_GRACE_S, deadline.remaining() - SAFETY_MARGIN_S / 2)
+        give_up_at = min(
+            time.monotonic() + budget + CLIENT_GRACE_S,
+            deadline.expires_at - SAFETY_MARGIN_S / 2,
+        )
         with timed_call(
             log,
             operation,
@@ -236,7 +270,7 @@ class PostgresDatabase:
             transport=self.name,
         ):
             try:
-                return await self._run_bounded(query, args, budget, wait_s, operation)
+                return await self._run_bounded(query, args, budget, give_up_at, operation)
             except ServiceError as error:
                 if tenant_id is not None:
                     error.metadata["tenant_id"] = tenant_id
@@ -244,67 +278,65 @@ class PostgresDatabase:
 
     async def _run_bounded(
         self,
-        query: sql.Composable,
+        query: str,
         args: Mapping[str, Any],
         budget: float,
-        wait_s: float,
+        give_up_at: float,
         operation: str,
     ) -> Any:
-        """The statement's answer within `wait_s`, or DeadlineExceeded.
+        """Acquire, run and release; the answer by `give_up_at` or DeadlineExceeded.
 
-        The statement runs in a task of its own so that giving up does not
-        wait for the cancellation: psycopg sends a cancel request and waits up
-        to 5 s for the statement to end, and behind a pooler a statement still
-        queued for a server connection ends only when one is free. The task
-        finishes that in the background (and returns the connection).
+        At `give_up_at` the wait for a connection, or the statement, is
+        cancelled: psycopg sends a cancel request and waits (up to 5 s) for
+        the statement to end. Behind a pooler a statement still queued for a
+        server connection ends only when one is free, so CANCEL_WAIT_S later a
+        second cancellation makes psycopg close the connection instead: the
+        call answers in time either way.
         """
-        work = asyncio.ensure_future(self._execute(query, args, budget, operation))
+        ends_at = time.monotonic() + budget
+        conn: _TrackedConnection | None = None
         try:
-            await asyncio.wait({work}, timeout=wait_s)
-        finally:
-            if not work.done():
-                # Timed out, or this RPC was cancelled: cancel the statement,
-                # and wait briefly so that it is usually gone when we answer.
-                work.cancel()
-                await asyncio.wait({work}, timeout=CANCEL_WAIT_S)
-            if not work.done():
-                self._background.add(work)
-                work.add_done_callback(self._finished_in_background)
-        if not work.done() or work.cancelled():
+            try:
+                async with (
+                    asyncio.timeout_at(give_up_at + CANCEL_WAIT_S),
+                    asyncio.timeout_at(give_up_at),
+                ):
+                    conn = await self._acquire(ends_at, operation)
+                    left_ms = int((ends_at - time.monotonic()) * 1000)
+                    if left_ms < MIN_BUDGET_S * 1000:
+                        raise DeadlineExceeded(
+                            "deadline exhausted while waiting for a database connection",
+                            reason="BUDGET_EXHAUSTED",
+                            metadata={"operation": operation},
+                        )
+                    cursor = psycopg.AsyncClientCursor(conn)
+                    await cursor.execute(query, {**args, _TIMEOUT_MS: str(left_ms)})
+                    cursor.nextset()
+                    row = await cursor.fetchone()
+            finally:
+                # Outside the timeouts, so that they cannot interrupt it.
+                if conn is not None:
+                    if not conn.broken:
+                        conn.last_used = time.monotonic()
+                    await self._release(conn)
+        except TimeoutError:
             raise DeadlineExceeded(
                 "database call timed out", reason="DB_TIMEOUT", metadata={"operation": operation}
-            )
-        return work.result()
-
-    def _finished_in_background(self, work: asyncio.Future[Any]) -> None:
-        self._background.discard(work)
-        if not work.cancelled():
-            work.exception()  # already answered for: only mark it retrieved
-
-    async def _execute(
-        self, query: sql.Composable, args: Mapping[str, Any], budget: float, operation: str
-    ) -> Any:
-        """Acquire, run and release; psycopg and pool errors become typed errors."""
-        ends_at = time.monotonic() + budget
-        try:
-            conn = await self._acquire(ends_at, operation)
-            try:
-                left_ms = int((ends_at - time.monotonic()) * 1000)
-                if left_ms < MIN_BUDGET_S * 1000:
-                    raise DeadlineExceeded(
-                        "deadline exhausted while waiting for a database connection",
-                        reason="BUDGET_EXHAUSTED",
-                        metadata={"operation": operation},
-                    )
-                cursor = psycopg.AsyncClientCursor(conn)
-                await cursor.execute(_with_timeouts(query), {**args, _TIMEOUT_MS: str(left_ms)})
-                cursor.nextset()
-                row = await cursor.fetchone()
-                return row[0] if row else None
-            finally:
-                await self._pool.putconn(conn)
+            ) from None
         except psycopg.Error as exc:
             raise _typed_error(exc, operation) from None
+        return row[0] if row else None
+
+    async def _release(self, conn: _TrackedConnection) -> None:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # The RPC is being cancelled: give the connection back without
+            # waiting, where no further cancellation can interrupt it.
+            returning = asyncio.ensure_future(self._pool.putconn(conn))
+            self._background.add(returning)
+            returning.add_done_callback(self._background.discard)
+            return
+        await self._pool.putconn(conn)
 
 
 def _typed_error(exc: psycopg.Error, operation: str) -> ServiceError:

@@ -1,7 +1,9 @@
 """Server interceptors: errors to statuses plus the access log, and auth.
 
 Both wrap the unary-unary behaviours of our services; health and reflection
-pass through untouched (they are public).
+pass through untouched (they are public). A method's handler is the same
+object on every call, so each interceptor wraps it once and reuses the
+wrapped handler (`_WrappedHandlers`): nothing is built per RPC but the call.
 """
 
 from __future__ import annotations
@@ -42,6 +44,26 @@ def _wrap_unary(
     )
 
 
+class _WrappedHandlers:
+    """Wrapped handlers by method, rebuilt only if the inner handler changes."""
+
+    def __init__(self) -> None:
+        self._by_method: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler | None]] = {}
+
+    def get(
+        self,
+        method: str,
+        handler: grpc.RpcMethodHandler,
+        build: Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler | None],
+    ) -> grpc.RpcMethodHandler | None:
+        known = self._by_method.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = build(method, handler)
+        self._by_method[method] = (handler, wrapped)
+        return wrapped
+
+
 @dataclass(frozen=True)
 class _Undecodable:
     """A request body that is not a valid message (grpc would answer INTERNAL)."""
@@ -72,6 +94,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, domain: str, public_methods: Collection[str]) -> None:
         self._domain = domain
         self._public = frozenset(public_methods)
+        self._wrapped = _WrappedHandlers()
 
     async def intercept_service(
         self,
@@ -79,58 +102,68 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if details.method in self._public:
+        if handler is None or details.method in self._public:
             return handler
-        method = details.method
+        return self._wrapped.get(details.method, handler, self._wrap)  # type: ignore[return-value]
 
-        def wrap(inner: Behaviour) -> Behaviour:
-            async def behaviour(request: Any, context: ServicerContext) -> Any:
-                started = time.monotonic()
-                inbound_deadline.set(Deadline.from_caller(context.time_remaining()))
-                code = grpc.StatusCode.OK
-                RPCS_IN_FLIGHT.labels(method).inc()
-                try:
-                    if isinstance(request, _Undecodable):
-                        raise InvalidArgument(
-                            "request body is not a valid message",
-                            field="request",
-                            reason="MALFORMED_REQUEST",
-                        )
-                    return await inner(request, context)
-                except grpc.aio.AbortError:
-                    raise  # the RPC already ended with a status
-                except ServiceError as error:
-                    status = to_rpc_status(error, self._domain)
-                    code = status.code
-                    await context.abort_with_status(status)
-                except asyncio.CancelledError:
-                    code = grpc.StatusCode.CANCELLED  # deadline passed or caller went away
-                    raise
-                except Exception as exc:
-                    log.exception(kv("unhandled_error", method=method))
-                    status = to_rpc_status(internal_error(exc), self._domain)
-                    code = status.code
-                    await context.abort_with_status(status)
-                finally:
-                    duration_s = time.monotonic() - started
-                    RPCS_IN_FLIGHT.labels(method).dec()
-                    RPCS.labels(method, code.name).inc()
-                    RPC_SECONDS.labels(method).observe(duration_s)
-                    log.info(
-                        kv(
-                            "rpc",
-                            method=method,
-                            code=code.name,
-                            duration_ms=duration_s * 1000,
-                        )
-                    )
-
-            return behaviour
-
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler | None:
         # Undecodable bodies reach the wrapper as a marker, so they are
         # INVALID_ARGUMENT (the caller's fault) rather than grpc's INTERNAL.
-        deserializer = _lenient(handler.request_deserializer) if handler else None
-        return _wrap_unary(handler, wrap, deserializer)  # type: ignore[return-value]
+        return _wrap_unary(
+            handler,
+            lambda inner: self._behaviour(method, inner),
+            _lenient(handler.request_deserializer),
+        )
+
+    def _behaviour(self, method: str, inner: Behaviour) -> Behaviour:
+        domain = self._domain
+        # This method's metrics, labelled once.
+        in_flight = RPCS_IN_FLIGHT.labels(method)
+        seconds = RPC_SECONDS.labels(method)
+        codes: dict[grpc.StatusCode, Any] = {}  # the RPCS counter by code
+
+        async def behaviour(request: Any, context: ServicerContext) -> Any:
+            started = time.monotonic()
+            inbound_deadline.set(Deadline.from_caller(context.time_remaining()))
+            code = grpc.StatusCode.OK
+            in_flight.inc()
+            try:
+                if isinstance(request, _Undecodable):
+                    raise InvalidArgument(
+                        "request body is not a valid message",
+                        field="request",
+                        reason="MALFORMED_REQUEST",
+                    )
+                return await inner(request, context)
+            except grpc.aio.AbortError:
+                raise  # the RPC already ended with a status
+            except ServiceError as error:
+                status = to_rpc_status(error, domain)
+                code = status.code
+                await context.abort_with_status(status)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED  # deadline passed or caller went away
+                raise
+            except Exception as exc:
+                log.exception(kv("unhandled_error", method=method))
+                status = to_rpc_status(internal_error(exc), domain)
+                code = status.code
+                await context.abort_with_status(status)
+            finally:
+                duration_s = time.monotonic() - started
+                in_flight.dec()
+                counter = codes.get(code)
+                if counter is None:
+                    counter = codes[code] = RPCS.labels(method, code.name)
+                counter.inc()
+                seconds.observe(duration_s)
+                # The access log, formatted only if emitted, as kv() would (a
+                # method name has no spaces or quotes to escape).
+                log.info(
+                    "rpc method=%s code=%s duration_ms=%.1f", method, code.name, duration_s * 1000
+                )
+
+        return behaviour
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -141,6 +174,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     ) -> None:
         self._tokens = tokens
         self._public = frozenset(public_methods)
+        self._wrapped = _WrappedHandlers()
 
     async def intercept_service(
         self,
@@ -148,17 +182,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if details.method in self._public:
+        if handler is None or details.method in self._public:
             return handler
+        return self._wrapped.get(details.method, handler, self._wrap)  # type: ignore[return-value]
 
-        def wrap(inner: Behaviour) -> Behaviour:
-            async def behaviour(request: Any, context: ServicerContext) -> Any:
-                current_caller.set(self._tokens().authenticate(_bearer_token(context)))
-                return await inner(request, context)
+    def _wrap(self, _method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler | None:
+        return _wrap_unary(handler, self._behaviour)
 
-            return behaviour
+    def _behaviour(self, inner: Behaviour) -> Behaviour:
+        async def behaviour(request: Any, context: ServicerContext) -> Any:
+            current_caller.set(self._tokens().authenticate(_bearer_token(context)))
+            return await inner(request, context)
 
-        return _wrap_unary(handler, wrap)  # type: ignore[return-value]
+        return behaviour
 
 
 def _bearer_token(context: ServicerContext) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 from shared.auth import SCOPE_PIPELINE_READ, authorized_caller
 from shared.database import Database
@@ -22,8 +22,9 @@ STAGES = ("QUOTED", "NEGOTIATING", "BOOKED", "PAID", "TRAVELLED", "LOST")
 SUMMARY_CAP_S = 10.0
 
 
-@dataclass(frozen=True)
-class Amount:
+class Amount(NamedTuple):
+    """An exact amount in one currency (a tuple: cheap to build, many per summary)."""
+
     currency: str
     value: Decimal
 

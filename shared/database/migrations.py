@@ -20,6 +20,9 @@ SEED_FILE = ROOT / "database" / "seed" / "demo.sql"
 
 log = logging.getLogger(__name__)
 
+# Supabase's transaction pooler: fine for the services, not for migrations.
+SUPABASE_POOLER_PORT = 6543
+
 
 def _yoyo_url(url: str) -> str:
     """yoyo wants `postgresql+psycopg://` to use psycopg 3."""
@@ -49,6 +52,11 @@ def main() -> None:
     url = os.environ.get("DATABASE_URL")
     if not url:
         sys.exit("DATABASE_URL is not set: make migrate applies the migrations to that database")
+    if urlsplit(url).port == SUPABASE_POOLER_PORT:
+        sys.exit(
+            f"DATABASE_URL names port {SUPABASE_POOLER_PORT}, Supabase's transaction pooler:"
+            " migrate through the direct connection (port 5432; see README)"
+        )
     applied = apply_migrations(url)
     print(f"{len(applied)} migration(s) applied" + (f": {', '.join(applied)}" if applied else ""))
 

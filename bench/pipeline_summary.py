@@ -79,6 +79,7 @@ from bench.common import (
 from crm_svc.pipeline import SUMMARY_CAP_S
 from shared.auth import SCOPE_PIPELINE_READ
 from shared.database.migrations import apply_migrations
+from shared.errors import FailedPrecondition
 from shared.money import from_money
 from shared.proto_gen.crm.v1 import crm_pb2, crm_pb2_grpc
 
@@ -175,7 +176,7 @@ def _vary_case(text_sql: str, draw_sql: str) -> str:
 
 
 def _vary_padding(text_sql: str, draw_sql: str) -> str:
-    # Spaces are trimmed by the normalisation; a tab is not (btrim strips spaces only).
+    # Padding the key strips (spaces, a tab): the row still matches its quotes.
     return (
         f"CASE WHEN {draw_sql} < 0.10 THEN '  ' || {text_sql} || ' '"
         f" WHEN {draw_sql} < 0.11 THEN {text_sql} || E'\\t' ELSE {text_sql} END"
@@ -325,8 +326,16 @@ def prepare_database(server: BenchServer, fresh: bool) -> str:
     """The bench database with the full data set: reused when complete, else rebuilt."""
     url = with_database(server.url, BENCH_DB)
     if not fresh and database_exists(server, BENCH_DB):
-        # Later migrations (new functions) apply on top of existing data.
-        apply_migrations(url)
+        # Later migrations (new functions) apply on top of existing data; a
+        # migration rewritten since the data set was made means a rebuild.
+        try:
+            apply_migrations(url)
+        except FailedPrecondition as exc:
+            say(f"data: {exc.message}")
+            say(f"data: rebuilding database {BENCH_DB}")
+            url = create_fresh_database(server, BENCH_DB)
+            load_dataset(url)
+            return url
         restore_backlog_rows(url)
         if dataset_is_complete(url):
             say(f"data: reusing the complete data set in database {BENCH_DB} (--fresh rebuilds it)")
@@ -514,10 +523,8 @@ def summary_from_response(response: crm_pb2.PipelineSummaryResponse) -> Summary:
 
 
 def _normalise(email: str | None) -> str | None:
-    """lower(btrim(x)) as PostgreSQL does it (btrim strips spaces only); blank is None."""
-    if email is None:
-        return None
-    return email.strip(" ").lower() or None
+    """The email key (pipeline_email_key, 0002): str.strip().lower(); blank is None."""
+    return (email or "").strip().lower() or None
 
 
 def aggregate_in_python(

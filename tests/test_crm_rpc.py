@@ -10,6 +10,7 @@ import grpc
 import psycopg
 import pytest
 from google.rpc import error_details_pb2
+from hypothesis import HealthCheck, given, settings
 
 from crm_svc.servicer import ERROR_DOMAIN
 from shared.auth import TokenRegistry
@@ -26,6 +27,7 @@ from tests.conftest import (
     start_crm_server,
 )
 from tests.factories import add_clients, add_quotes, create_tenant, unique_tenant
+from tests.pipeline_reference import reference, tenant_data
 from tests.rpc import bearer, detail, error_info
 
 Stub = crm_pb2_grpc.CrmServiceStub
@@ -93,6 +95,43 @@ async def test_summary_of_a_tenant(crm_stub: Stub, sql: psycopg.Connection[Any])
     assert reply.total_clients == 4
     assert money(reply.open_value) == [("EUR", Decimal("79.85")), ("USD", Decimal("0.05"))]
     assert reply.computed_at.seconds > 0
+
+
+def as_reference(response: crm_pb2.PipelineSummaryResponse) -> dict[str, Any]:
+    """The response in the shape of tests.pipeline_reference.reference."""
+
+    def amounts(items: Any) -> list[dict[str, Any]]:
+        return [{"currency": c, "amount": a} for c, a in money(items)]
+
+    return {
+        "stages": [
+            {
+                "stage": crm_pb2.PipelineStage.Name(s.stage).removeprefix("PIPELINE_STAGE_"),
+                "open": s.open,
+                "client_count": s.client_count,
+                "value": amounts(s.value),
+            }
+            for s in response.stages
+        ],
+        "total_clients": response.total_clients,
+        "open_value": amounts(response.open_value),
+    }
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=tenant_data)
+async def test_summary_matches_the_reference_for_any_padding_and_case(
+    crm_stub: Stub, sql: psycopg.Connection[Any], data: tuple[list[Any], list[Any]]
+) -> None:
+    """Emails padded with any whitespace Python strips, in any case, match as
+    the system we replace matched them (str.strip().lower())."""
+    tenant = unique_tenant("hyp-rpc")
+    create_tenant(sql, tenant)
+    add_clients(sql, tenant, data[0])
+    add_quotes(sql, tenant, data[1])
+    assert as_reference(await summary(crm_stub, tenant)) == reference(data)
 
 
 async def test_unknown_tenant_is_not_found(crm_stub: Stub) -> None:

@@ -57,16 +57,29 @@ def test_all_null_prices_give_no_entry_but_prices_summing_to_zero_do(
     assert_exact(sql, tenant)
 
 
-def test_case_and_spaces_match_but_a_tab_does_not(
+def test_case_and_any_whitespace_match_but_a_lookalike_does_not(
     sql: psycopg.Connection[Any], tenant: str
 ) -> None:
-    add_clients(sql, tenant, [("  Pat@X.io ", "BOOKED"), ("pat@x.io\t", "LOST"), ("   ", "LOST")])
-    add_quotes(sql, tenant, [("PAT@x.IO", Decimal("12.34"), "EUR"), ("  ", Decimal("1.00"), "EUR")])
+    add_clients(
+        sql,
+        tenant,
+        [
+            ("  Pat@X.io ", "BOOKED"),
+            ("pat@x.io\t\r\n", "LOST"),
+            ("\u00a0pat@x.io\u3000", "LOST"),
+            ("pat@x.io\u200b", "PAID"),  # a zero-width space is not whitespace to strip()
+            ("  \t", "PAID"),
+        ],
+    )
+    add_quotes(
+        sql, tenant, [("PAT@x.IO", Decimal("12.34"), "EUR"), ("\t ", Decimal("1.00"), "EUR")]
+    )
     aggregated, _ = summaries(sql, tenant)
     assert stage(aggregated, "BOOKED")["value"] == [{"currency": "EUR", "amount": "12.34"}]
-    assert stage(aggregated, "LOST") == {
-        "stage": "LOST",
-        "open": False,
+    assert stage(aggregated, "LOST")["value"] == [{"currency": "EUR", "amount": "24.68"}]
+    assert stage(aggregated, "PAID") == {
+        "stage": "PAID",
+        "open": True,
         "client_count": 2,
         "value": [],
     }

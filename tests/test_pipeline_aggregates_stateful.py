@@ -31,27 +31,8 @@ from hypothesis.stateful import (
 from tests.aggregates import aggregate_rows, assert_exact, compact, pending_deltas
 from tests.factories import create_tenant, unique_tenant
 
-STAGES = ["QUOTED", "NEGOTIATING", "BOOKED", "PAID", "TRAVELLED", "LOST"]
-CURRENCIES = ["EUR", "USD", "JPY"]
-# Few addresses, so that clients and quotes match often.
-BASE_EMAILS = ["ann@x.io", "bob@x.io", "cy@y.org"]
-
-
-@st.composite
-def emails(draw: st.DrawFn) -> str | None:
-    """An address in random case and space padding, or NULL, blank, or tab-padded
-    (btrim strips spaces only, so a tab makes a different key)."""
-    kind = draw(st.sampled_from(["address"] * 6 + ["null", "blank", "tab"]))
-    if kind == "null":
-        return None
-    if kind == "blank":
-        return draw(st.sampled_from(["", "   "]))
-    base = draw(st.sampled_from(BASE_EMAILS))
-    cased = "".join(c.upper() if draw(st.booleans()) else c for c in base)
-    if kind == "tab":
-        return cased + "\t"
-    return " " * draw(st.integers(0, 2)) + cased + " " * draw(st.integers(0, 2))
-
+# Emails padded with every kind of whitespace, in random case, NULL, blank.
+from tests.pipeline_reference import CURRENCIES, STAGES, emails
 
 prices = st.one_of(
     st.none(),

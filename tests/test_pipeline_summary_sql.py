@@ -1,9 +1,9 @@
 """pipeline_summary (the SQL function) against an independent Python reference
-over hypothesis-generated data, several tenants side by side."""
+over hypothesis-generated data, several tenants side by side; the email key
+against Python's str.strip().lower() for every whitespace character."""
 
 from __future__ import annotations
 
-from collections import defaultdict
 from decimal import Decimal
 from typing import Any
 
@@ -12,72 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.factories import add_clients, add_quotes, create_tenant, unique_tenant
-
-STAGES = ["QUOTED", "NEGOTIATING", "BOOKED", "PAID", "TRAVELLED", "LOST"]
-OPEN = {"QUOTED", "NEGOTIATING", "BOOKED", "PAID"}
-
-# A small pool of addresses so that matches are frequent, written with
-# varying case and padding, plus NULL and blank.
-BASE_EMAILS = ["ann@x.io", "bob@x.io", "cy@y.org"]
-
-
-@st.composite
-def email(draw: st.DrawFn) -> str | None:
-    kind = draw(st.sampled_from(["null", "blank", "address", "address", "address"]))
-    if kind == "null":
-        return None
-    if kind == "blank":
-        return draw(st.sampled_from(["", "  ", "\t"]))
-    base = draw(st.sampled_from(BASE_EMAILS))
-    cased = "".join(c.upper() if draw(st.booleans()) else c for c in base)
-    return draw(st.sampled_from(["", " ", "  "])) + cased + draw(st.sampled_from(["", " ", "\t"]))
-
-
-prices = st.one_of(
-    st.none(),
-    st.decimals(min_value=Decimal("-1000.00"), max_value=Decimal("999999999999.99"), places=2),
-)
-clients = st.lists(st.tuples(email(), st.sampled_from(STAGES)), max_size=8)
-quotes = st.lists(st.tuples(email(), prices, st.sampled_from(["EUR", "USD", "JPY"])), max_size=10)
-tenant_data = st.tuples(clients, quotes)
-
-
-def normalise(value: str | None) -> str | None:
-    if value is None:
-        return None
-    # btrim() without characters strips spaces only: a tab is not blank.
-    key = value.strip(" ").lower()
-    return key or None
-
-
-def reference(data: tuple[list[Any], list[Any]]) -> dict[str, Any]:
-    """design §6, computed directly in Python."""
-    client_rows, quote_rows = data
-    counts: dict[str, int] = defaultdict(int)
-    values: dict[str, dict[str, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
-    for client_email, stage in client_rows:
-        counts[stage] += 1
-        key = normalise(client_email)
-        for quote_email, price, currency in quote_rows:
-            if key is not None and price is not None and normalise(quote_email) == key:
-                values[stage][currency] += price
-    open_value: dict[str, Decimal] = defaultdict(Decimal)
-    for stage in OPEN:
-        for currency, amount in values[stage].items():
-            open_value[currency] += amount
-    return {
-        "stages": [
-            {
-                "stage": s,
-                "open": s in OPEN,
-                "client_count": counts[s],
-                "value": [{"currency": c, "amount": values[s][c]} for c in sorted(values[s])],
-            }
-            for s in STAGES
-        ],
-        "total_clients": len(client_rows),
-        "open_value": [{"currency": c, "amount": open_value[c]} for c in sorted(open_value)],
-    }
+from tests.pipeline_reference import WHITESPACE, email_key, reference, tenant_data
 
 
 def from_database(document: dict[str, Any]) -> dict[str, Any]:
@@ -139,3 +74,15 @@ def test_large_sums_stay_exact(sql: psycopg.Connection[Any]) -> None:
     assert row is not None
     paid = next(s for s in row[0]["stages"] if s["stage"] == "PAID")
     assert paid["value"] == [{"currency": "USD", "amount": "11999999999999.88"}]
+
+
+def test_the_email_key_strips_what_python_strips(sql: psycopg.Connection[Any]) -> None:
+    samples = [f"{ws}Ann@X.io{ws}" for ws in WHITESPACE] + [ws * 2 for ws in WHITESPACE]
+    samples += ["\u200bann@x.io", "ann@x.io\ufeff", " \t\r\n", "", None]
+    rows = sql.execute(
+        "SELECT e, pipeline_email_key(e) FROM unnest(%s::text[]) WITH ORDINALITY AS u(e, n)"
+        " ORDER BY n",
+        (samples,),
+    ).fetchall()
+    assert [key for _, key in rows] == [email_key(e) for e in samples]
+    assert {key for _, key in rows[: len(WHITESPACE)]} == {"ann@x.io"}

@@ -5,6 +5,20 @@
 -- Domain errors are signalled with a SQLSTATE and a HINT that is the
 -- ErrorInfo reason (shared/database/errors.py maps them).
 
+-- The key that matches a client to its quotes: the email as the system we
+-- replace normalised it, Python's `email.strip().lower()`. strip() removes
+-- every character for which str.isspace() is true (tab, LF, VT, FF, CR, the
+-- information separators 0x1C-0x1F, space, NEL, NBSP, U+1680, U+2000-U+200A,
+-- U+2028, U+2029, U+202F, U+205F, U+3000), not only spaces. NULL, empty and
+-- all-whitespace emails get no key and match nothing. Every pipeline function
+-- uses this one definition.
+CREATE FUNCTION pipeline_email_key(p_email text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN NULLIF(lower(btrim(p_email,
+    E'\t\n\u000B\f\r\u001C\u001D\u001E\u001F \u0085\u00A0\u1680'
+    || E'\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200A'
+    || E'\u2028\u2029\u202F\u205F\u3000')), '');
+
 CREATE FUNCTION pipeline_summary(p_tenant_id text) RETURNS jsonb
 LANGUAGE plpgsql STABLE
 SET search_path = public, pg_temp
@@ -25,7 +39,7 @@ BEGIN
 
     WITH client_keys AS (
         -- NULL or blank emails get a NULL key, which joins nothing.
-        SELECT pipeline_stage AS stage, NULLIF(lower(btrim(email)), '') AS email_key
+        SELECT pipeline_stage AS stage, pipeline_email_key(email) AS email_key
         FROM clients
         WHERE tenant_id = p_tenant_id
     ),
@@ -33,7 +47,7 @@ BEGIN
         SELECT stage, count(*) AS client_count FROM client_keys GROUP BY stage
     ),
     quote_sums AS (
-        SELECT NULLIF(lower(btrim(customer_email)), '') AS email_key, currency,
+        SELECT pipeline_email_key(customer_email) AS email_key, currency,
                sum(total_price) AS amount
         FROM quotes
         WHERE tenant_id = p_tenant_id AND total_price IS NOT NULL

@@ -2,7 +2,7 @@
 -- pipeline_summary(tenant) reads O(stages x currencies) rows at any tenant
 -- size, exactly equal to the full scan (kept as pipeline_summary_recompute).
 --
--- Model (design §6 semantics; email key = NULLIF(lower(btrim(email)), '')):
+-- Model (design §6 semantics; email key = pipeline_email_key(email), 0002):
 --   pipeline_email_clients  (tenant, email key, stage)    n(e, s): clients
 --   pipeline_email_quotes   (tenant, email key, currency) q(e, c): sum of priced quotes,
 --                                                          k(e, c): how many are priced
@@ -61,11 +61,6 @@
 
 SET LOCAL lock_timeout = '10s';
 LOCK TABLE tenants, clients, quotes IN SHARE ROW EXCLUSIVE MODE;
-
-CREATE FUNCTION pipeline_email_key(p_email text) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
--- btrim() without characters strips spaces only; a blank key matches nothing.
-RETURN NULLIF(lower(btrim(p_email)), '');
 
 
 -- Aggregate tables. tenant_id leads every key and references tenants (design §5);

@@ -22,6 +22,7 @@ from devstack.examples import crm_examples, provisioning_examples, render
 from shared.auth import SCOPE_PIPELINE_READ, SCOPE_TENANTS_DELETE, token_sha256
 from shared.database.embedded import start_embedded
 from shared.database.migrations import SEED_FILE, apply_migrations
+from shared.errors import FailedPrecondition
 from shared.logs import configure_logging
 from shared.settings import Settings
 
@@ -71,7 +72,11 @@ async def main() -> int:
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     url = settings.database_url or start_embedded(data_dir)
-    apply_migrations(url)
+    try:
+        apply_migrations(url)
+    except FailedPrecondition as exc:  # e.g. a .data/ from before a migration was rewritten
+        print(f"make run: {exc.message}", file=sys.stderr)
+        return 1
     seed(url, settings.clients_dir)
     token = secrets.token_urlsafe(24)
     tokens_file = data_dir / "tokens.toml"

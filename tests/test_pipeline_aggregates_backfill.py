@@ -16,10 +16,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from yoyo import get_backend, read_migrations
-from yoyo.migrations import MigrationList
 
-from shared.database.migrations import MIGRATIONS_DIR, _yoyo_url, apply_migrations
+from shared.database.migrations import apply_migrations
 from tests.aggregates import AGGREGATE_TABLES, assert_exact
 from tests.conftest import with_database
 from tests.factories import add_clients, add_quotes, create_tenant
@@ -29,12 +27,7 @@ _databases = count(1)
 
 
 def migrate_before_aggregates(url: str) -> None:
-    backend = get_backend(_yoyo_url(url))
-    earlier = MigrationList(
-        m for m in read_migrations(str(MIGRATIONS_DIR)) if m.id < AGGREGATES_MIGRATION
-    )
-    with backend.lock():
-        backend.apply_migrations(backend.to_apply(earlier))
+    apply_migrations(url, before=AGGREGATES_MIGRATION)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 
 from shared.database.migrations import apply_migrations
 from shared.errors import FailedPrecondition
-from tests.conftest import with_database
+from tests.conftest import create_database, drop_database
 
 
 def test_migrate_refuses_supabases_transaction_pooler() -> None:
@@ -33,14 +33,10 @@ def test_migrate_refuses_supabases_transaction_pooler() -> None:
 @pytest.fixture
 def migrated_url(pg_server_url: str) -> Iterator[str]:
     name = f"crm_stale_{os.getpid()}"
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name}")
-        conn.execute(f"CREATE DATABASE {name}")
-    url = with_database(pg_server_url, name)
+    url = create_database(pg_server_url, name)
     apply_migrations(url)
     yield url
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    drop_database(pg_server_url, name)
 
 
 def test_a_database_migrated_by_changed_migrations_is_refused_with_how_to_recreate_it(

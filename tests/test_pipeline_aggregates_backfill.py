@@ -19,7 +19,7 @@ import pytest
 
 from shared.database.migrations import apply_migrations
 from tests.aggregates import AGGREGATE_TABLES, assert_exact
-from tests.conftest import with_database
+from tests.conftest import create_database, drop_database
 from tests.factories import add_clients, add_quotes, create_tenant
 
 AGGREGATES_MIGRATION = "0006_pipeline_aggregates"
@@ -34,15 +34,12 @@ def migrate_before_aggregates(url: str) -> None:
 def fresh_url(pg_server_url: str) -> Iterator[str]:
     """A new database with every migration before 0006 applied."""
     name = f"crm_backfill_{os.getpid()}_{next(_databases)}"
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    url = with_database(pg_server_url, name)
+    url = create_database(pg_server_url, name)
     try:
         migrate_before_aggregates(url)
         yield url
     finally:
-        with psycopg.connect(pg_server_url, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        drop_database(pg_server_url, name)
 
 
 def fill(conn: psycopg.Connection[Any]) -> None:

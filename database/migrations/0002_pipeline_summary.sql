@@ -19,6 +19,17 @@ RETURN NULLIF(lower(btrim(p_email,
     || E'\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200A'
     || E'\u2028\u2029\u202F\u205F\u3000')), '');
 
+-- The key, stored and indexed: a full scan reads it in key order from these
+-- indexes instead of computing and sorting it (1M clients: about 2 s, not 9).
+-- Stored values follow the function as it was when they were written: a new
+-- definition of pipeline_email_key needs these columns rewritten too.
+ALTER TABLE clients
+    ADD COLUMN email_key text GENERATED ALWAYS AS (pipeline_email_key(email)) STORED;
+ALTER TABLE quotes
+    ADD COLUMN email_key text GENERATED ALWAYS AS (pipeline_email_key(customer_email)) STORED;
+CREATE INDEX clients_email_key_idx ON clients (tenant_id, email_key, pipeline_stage);
+CREATE INDEX quotes_email_key_idx ON quotes (tenant_id, email_key, currency) INCLUDE (total_price);
+
 CREATE FUNCTION pipeline_summary(p_tenant_id text) RETURNS jsonb
 LANGUAGE plpgsql STABLE
 SET search_path = public, pg_temp
@@ -37,28 +48,24 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'TENANT_DEPROVISIONING';
     END IF;
 
-    WITH client_keys AS (
-        -- NULL or blank emails get a NULL key, which joins nothing.
-        SELECT pipeline_stage AS stage, pipeline_email_key(email) AS email_key
+    -- Clients grouped by key and stage in one index scan (NULL keys included,
+    -- for the counts), then joined in key order with the priced quotes.
+    WITH client_keys AS MATERIALIZED (
+        SELECT email_key, pipeline_stage AS stage, count(*) AS n
         FROM clients
         WHERE tenant_id = p_tenant_id
+        GROUP BY email_key, pipeline_stage
     ),
     stage_counts AS (
-        SELECT stage, count(*) AS client_count FROM client_keys GROUP BY stage
-    ),
-    quote_sums AS (
-        SELECT pipeline_email_key(customer_email) AS email_key, currency,
-               sum(total_price) AS amount
-        FROM quotes
-        WHERE tenant_id = p_tenant_id AND total_price IS NOT NULL
-        GROUP BY 1, 2
+        SELECT stage, sum(n)::bigint AS client_count FROM client_keys GROUP BY stage
     ),
     stage_values AS (
-        -- A quote counts for every client with the same normalised email.
-        SELECT ck.stage, qs.currency, sum(qs.amount) AS amount
+        -- A quote counts for every client with the same key; a NULL key joins nothing.
+        SELECT ck.stage, q.currency, sum(q.total_price * ck.n) AS amount
         FROM client_keys ck
-        JOIN quote_sums qs ON qs.email_key = ck.email_key
-        GROUP BY ck.stage, qs.currency
+        JOIN quotes q ON q.tenant_id = p_tenant_id AND q.email_key = ck.email_key
+        WHERE q.total_price IS NOT NULL
+        GROUP BY ck.stage, q.currency
     )
     SELECT jsonb_build_object(
         'stages', (

@@ -21,11 +21,6 @@ def money_parts(amount: Decimal) -> tuple[int, int]:
     return units, total - units * _NANOS_PER_UNIT
 
 
-def to_money(currency: str, amount: Decimal) -> money_pb2.Money:
-    units, nanos = money_parts(amount)
-    return money_pb2.Money(currency_code=currency, units=units, nanos=nanos)
-
-
 def add_money(
     field: MutableSequence[money_pb2.Money], amounts: Iterable[tuple[str, Decimal]]
 ) -> None:

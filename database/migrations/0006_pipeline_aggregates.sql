@@ -539,7 +539,8 @@ CREATE CONSTRAINT TRIGGER pipeline_apply_at_commit AFTER INSERT ON pipeline_appl
 
 
 -- 3. What the aggregates of some tenants should hold, recomputed from clients
--- and quotes: used by the rebuild and by the verification. No SET clause and
+-- and quotes (their stored email_key, read in index order; 0002): used by the
+-- rebuild and by the verification. No SET clause and
 -- qualified names, so that the planner inlines them and plans with the real
 -- tables' statistics (a function scan is estimated at 1000 rows whatever it
 -- returns, and joining two such estimates of a million rows goes quadratic).
@@ -548,9 +549,9 @@ CREATE FUNCTION pipeline_expected_email_clients(p_tenants text[])
 RETURNS TABLE (tenant_id text, email_key text, stage text, clients bigint)
 LANGUAGE sql STABLE
 AS $$
-    SELECT c.tenant_id, public.pipeline_email_key(c.email), c.pipeline_stage, count(*)
+    SELECT c.tenant_id, c.email_key, c.pipeline_stage, count(*)
     FROM public.clients c
-    WHERE c.tenant_id = ANY (p_tenants) AND public.pipeline_email_key(c.email) IS NOT NULL
+    WHERE c.tenant_id = ANY (p_tenants) AND c.email_key IS NOT NULL
     GROUP BY 1, 2, 3
 $$;
 
@@ -558,12 +559,9 @@ CREATE FUNCTION pipeline_expected_email_quotes(p_tenants text[])
 RETURNS TABLE (tenant_id text, email_key text, currency char(3), amount numeric, priced_quotes bigint)
 LANGUAGE sql STABLE
 AS $$
-    SELECT q.tenant_id, public.pipeline_email_key(q.customer_email), q.currency,
-           sum(q.total_price), count(*)
+    SELECT q.tenant_id, q.email_key, q.currency, sum(q.total_price), count(*)
     FROM public.quotes q
-    WHERE q.tenant_id = ANY (p_tenants)
-      AND q.total_price IS NOT NULL
-      AND public.pipeline_email_key(q.customer_email) IS NOT NULL
+    WHERE q.tenant_id = ANY (p_tenants) AND q.total_price IS NOT NULL AND q.email_key IS NOT NULL
     GROUP BY 1, 2, 3
 $$;
 

@@ -74,12 +74,13 @@ def _sha256(migration_id: str) -> str | None:
 
 
 def _check_unchanged(conn: psycopg.Connection, applied: list[str]) -> None:
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS _schema_sha256"
-        " (migration_id text PRIMARY KEY, sha256 text NOT NULL)"
-    )
-    # Like every table (0005): nothing for the REST API's roles to read.
-    conn.execute("ALTER TABLE _schema_sha256 ENABLE ROW LEVEL SECURITY")
+    row = conn.execute("SELECT to_regclass('_schema_sha256') IS NOT NULL").fetchone()
+    if not (row and row[0]):
+        conn.execute(
+            "CREATE TABLE _schema_sha256 (migration_id text PRIMARY KEY, sha256 text NOT NULL)"
+        )
+        # Like every table (0005): nothing for the REST API's roles to read.
+        conn.execute("ALTER TABLE _schema_sha256 ENABLE ROW LEVEL SECURITY")
     if not applied:
         return
     recorded = dict(conn.execute("SELECT migration_id, sha256 FROM _schema_sha256").fetchall())

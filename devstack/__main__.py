@@ -41,11 +41,11 @@ def write_tokens_file(path: Path, token: str) -> None:
     path.chmod(0o600)
 
 
-def seed(url: str, clients_dir: Path) -> None:
+def seed(url: str, tenant_config_root: Path) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(SEED_FILE.read_text())
     for tenant in DEMO_TENANTS:
-        directory = clients_dir / tenant
+        directory = tenant_config_root / tenant
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "branding.toml").write_text(f'tenant = "{tenant}"\ntheme = "demo"\n')
 
@@ -77,7 +77,7 @@ async def main() -> int:
     except FailedPrecondition as exc:  # e.g. a .data/ from before a migration was rewritten
         print(f"make run: {exc.message}", file=sys.stderr)
         return 1
-    seed(url, settings.clients_dir)
+    seed(url, settings.tenant_config_root)
     token = secrets.token_urlsafe(24)
     tokens_file = data_dir / "tokens.toml"
     write_tokens_file(tokens_file, token)
@@ -88,7 +88,7 @@ async def main() -> int:
         "AUTH_TOKENS_FILE": str(tokens_file),
         "CRM_LISTEN": settings.crm_listen,
         "PROVISIONING_LISTEN": settings.provisioning_listen,
-        "CLIENTS_DIR": str(settings.clients_dir.resolve()),
+        "CLIENTS_DIR": str(settings.tenant_config_root.resolve()),
         "DEV_MODE": "1",
     }
     # The demo never talks to the real SendGrid: a key in the shell (say, a

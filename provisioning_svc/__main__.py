@@ -22,8 +22,8 @@ async def serve_provisioning(settings: Settings) -> None:
                 else "Deprovision answers FAILED_PRECONDITION",
             )
         )
-    if not settings.clients_dir.is_dir():
-        log.warning(kv("clients_dir_missing", clients_dir=settings.clients_dir.resolve()))
+    if not settings.tenant_config_root.is_dir():
+        log.warning(kv("clients_dir_missing", CLIENTS_DIR=settings.tenant_config_root.resolve()))
     await run_service(
         "provisioning_svc",
         settings,

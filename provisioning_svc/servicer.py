@@ -65,7 +65,7 @@ def provisioning_service(
             dev_mode=settings.dev_mode,
             slow_call_ms=settings.slow_call_ms,
         ),
-        ConfigDirectories(settings.clients_dir),
+        ConfigDirectories(settings.tenant_config_root),
         max_batch_rows=max_batch_rows,
     )
     servicer = ProvisioningServicer(deprovisioner, settings.provisioning_default_deadline_s)

@@ -74,7 +74,8 @@ class Settings:
     auth_tokens_file: Path | None = None
     sendgrid_api_key: str | None = field(default=None, repr=False)
     sendgrid_api_host: str = "https://api.sendgrid.com"
-    clients_dir: Path = Path("clients")
+    # CLIENTS_DIR: one configuration directory per tenant (not the `clients` table).
+    tenant_config_root: Path = Path("clients")
     crm_default_deadline_s: float = 10.0
     provisioning_default_deadline_s: float = 60.0
     slow_call_ms: int = 3000
@@ -111,7 +112,7 @@ class Settings:
             auth_tokens_file=path("AUTH_TOKENS_FILE"),
             sendgrid_api_key=env.get("SENDGRID_API_KEY") or None,
             sendgrid_api_host=env.get("SENDGRID_API_HOST") or cls.sendgrid_api_host,
-            clients_dir=Path(env.get("CLIENTS_DIR") or "clients"),
+            tenant_config_root=Path(env.get("CLIENTS_DIR") or "clients"),
             crm_default_deadline_s=_seconds(env, "CRM_DEFAULT_DEADLINE_S", 10.0),
             provisioning_default_deadline_s=_seconds(env, "PROVISIONING_DEFAULT_DEADLINE_S", 60.0),
             slow_call_ms=int(env.get("SLOW_CALL_MS") or 3000),

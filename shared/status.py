@@ -2,7 +2,7 @@
 
 Every non-OK status carries a google.rpc.Status with an ErrorInfo; invalid
 arguments add a BadRequest, retryable failures a RetryInfo. `error_from_rpc`
-is the way back, for callers of our services (shared.clients).
+is the way back, for callers of our services (shared.rpc_clients).
 """
 
 from __future__ import annotations

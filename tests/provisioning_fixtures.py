@@ -174,7 +174,7 @@ class Provisioning:
     stub: provisioning_pb2_grpc.ProvisioningServiceStub
     address: str
     sendgrid: FakeSendGrid
-    clients_dir: Path
+    tenant_config_root: Path
     outside_dir: Path
 
     async def deprovision(
@@ -233,15 +233,15 @@ async def provisioning_server(
     max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
     **settings: Any,
 ) -> AsyncIterator[Provisioning]:
-    clients_dir = base_dir / "clients"
+    tenant_config_root = base_dir / "clients"
     outside_dir = base_dir / "outside"
-    clients_dir.mkdir(exist_ok=True)
+    tenant_config_root.mkdir(exist_ok=True)
     outside_dir.mkdir(exist_ok=True)
     config = Settings(
         **{
             "sendgrid_api_key": SENDGRID_KEY,
             "sendgrid_api_host": sendgrid.url,
-            "clients_dir": clients_dir,
+            "tenant_config_root": tenant_config_root,
             **settings,
         }
     )
@@ -253,7 +253,7 @@ async def provisioning_server(
                 provisioning_pb2_grpc.ProvisioningServiceStub(channel),
                 address,
                 sendgrid,
-                clients_dir,
+                tenant_config_root,
                 outside_dir,
             )
     finally:
@@ -277,7 +277,7 @@ def seed_tenant(
     *,
     clients: int = 3,
     sendgrid_username: str | None = None,
-    clients_dir: Path | None = None,
+    tenant_config_root: Path | None = None,
 ) -> dict[str, int]:
     """A tenant with rows in every table (and its config directory); rows per table."""
     conn.execute(
@@ -317,8 +317,8 @@ def seed_tenant(
         " SELECT %(t)s, format('note %%s', g) FROM generate_series(1, %(n)s) g",
         args,
     )
-    if clients_dir is not None:
-        make_config_directory(clients_dir / tenant_id)
+    if tenant_config_root is not None:
+        make_config_directory(tenant_config_root / tenant_id)
     counts = {
         table: len(rows)
         for table, rows in tenant_data(conn, tenant_id).items()

@@ -24,11 +24,11 @@ from crm_svc.servicer import ERROR_DOMAIN as CRM_ERROR_DOMAIN
 from crm_svc.servicer import SERVICE_NAME as CRM_SERVICE_NAME
 from crm_svc.servicer import CrmServicer
 from shared.auth import TokenRegistry, current_caller
-from shared.clients import DOWNSTREAM_MARGIN_S, WIRE_HEADROOM_S, CrmClient
 from shared.database.postgres import PostgresDatabase
 from shared.deadline import MIN_BUDGET_S
 from shared.errors import DeadlineExceeded, InvalidArgument, PermissionDenied, ServiceError
 from shared.proto_gen.crm.v1 import crm_pb2, crm_pb2_grpc
+from shared.rpc_clients import DOWNSTREAM_MARGIN_S, WIRE_HEADROOM_S, CrmClient
 from shared.server import ServerHandle, Service, create_server
 from tests.conftest import TOKEN_ADMIN, TOKEN_NO_SCOPE, TOKEN_READER
 from tests.factories import add_clients, create_tenant, unique_tenant

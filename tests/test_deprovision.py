@@ -15,10 +15,10 @@ import pytest
 from google.rpc import error_details_pb2
 
 from provisioning_svc.servicer import ERROR_DOMAIN
-from shared.clients import ProvisioningClient
 from shared.errors import Unavailable
 from shared.proto_gen.crm.v1 import crm_pb2, crm_pb2_grpc
 from shared.proto_gen.provisioning.v1 import provisioning_pb2 as pb
+from shared.rpc_clients import ProvisioningClient
 from tests.conftest import (
     LIMITED_TENANT,
     TOKEN_ADMIN,
@@ -62,12 +62,16 @@ def step(response: pb.DeprovisionResponse, which: int) -> pb.StepResult:
     return found
 
 
-def neighbours(sql: psycopg.Connection[Any], clients_dir: Path) -> list[str]:
+def neighbours(sql: psycopg.Connection[Any], tenant_config_root: Path) -> list[str]:
     """Two other tenants with data and directories, to prove they are left alone."""
     others = [unique_tenant("other"), unique_tenant("other")]
     for other in others:
         seed_tenant(
-            sql, other, clients=4, sendgrid_username=f"{other}-mail", clients_dir=clients_dir
+            sql,
+            other,
+            clients=4,
+            sendgrid_username=f"{other}-mail",
+            tenant_config_root=tenant_config_root,
         )
     return others
 
@@ -76,17 +80,17 @@ async def test_full_deprovision_removes_everything_of_the_tenant_and_nothing_els
     provisioning: Provisioning, sql: psycopg.Connection[Any]
 ) -> None:
     tenant = unique_tenant("full")
-    others = neighbours(sql, provisioning.clients_dir)
+    others = neighbours(sql, provisioning.tenant_config_root)
     expected_rows = seed_tenant(
         sql,
         tenant,
         clients=5,
         sendgrid_username="full-mail.sub_user",
-        clients_dir=provisioning.clients_dir,
+        tenant_config_root=provisioning.tenant_config_root,
     )
     provisioning.sendgrid.subusers.update({"full-mail.sub_user", *(f"{o}-mail" for o in others)})
     others_before = snapshot_except(sql, tenant)
-    other_dirs_before = {o: tree(provisioning.clients_dir / o) for o in others}
+    other_dirs_before = {o: tree(provisioning.tenant_config_root / o) for o in others}
     request_id = str(uuid.uuid4())
 
     reply = await provisioning.deprovision(tenant, request_id=request_id)
@@ -101,8 +105,8 @@ async def test_full_deprovision_removes_everything_of_the_tenant_and_nothing_els
     assert reply.started_at.ToDatetime() <= reply.finished_at.ToDatetime()
     # The tenant: no row anywhere, directory gone, subuser deleted exactly once.
     assert remaining_rows(sql, tenant) == {}
-    assert not (provisioning.clients_dir / tenant).exists()
-    assert sorted(p.name for p in provisioning.clients_dir.iterdir()) == sorted(others)
+    assert not (provisioning.tenant_config_root / tenant).exists()
+    assert sorted(p.name for p in provisioning.tenant_config_root.iterdir()) == sorted(others)
     deletes = provisioning.sendgrid.deletes()
     assert [(r.path, r.authorization) for r in deletes] == [
         ("/v3/subusers/full-mail.sub_user", f"Bearer {SENDGRID_KEY}")
@@ -110,7 +114,7 @@ async def test_full_deprovision_removes_everything_of_the_tenant_and_nothing_els
     assert provisioning.sendgrid.requests == deletes
     # Everyone else: every row of every table unchanged, directories intact.
     assert snapshot_except(sql, tenant) == others_before
-    assert {o: tree(provisioning.clients_dir / o) for o in others} == other_dirs_before
+    assert {o: tree(provisioning.tenant_config_root / o) for o in others} == other_dirs_before
     # The audit trail survives the tenant.
     ((job_id, state, actor, recorded_request, username),) = jobs_of(sql, tenant)
     assert (str(job_id), state, actor, str(recorded_request), username) == (
@@ -144,7 +148,12 @@ async def test_repeating_the_request_or_sending_a_new_one_returns_the_completed_
     provisioning: Provisioning, sql: psycopg.Connection[Any]
 ) -> None:
     tenant = unique_tenant("twice")
-    seed_tenant(sql, tenant, sendgrid_username="twice-mail", clients_dir=provisioning.clients_dir)
+    seed_tenant(
+        sql,
+        tenant,
+        sendgrid_username="twice-mail",
+        tenant_config_root=provisioning.tenant_config_root,
+    )
     provisioning.sendgrid.subusers.add("twice-mail")
     request_id = str(uuid.uuid4())
     first = await provisioning.deprovision(tenant, request_id=request_id)
@@ -169,10 +178,14 @@ async def test_dry_run_reports_what_would_go_and_changes_nothing(
 ) -> None:
     tenant = unique_tenant("dry")
     expected_rows = seed_tenant(
-        sql, tenant, clients=7, sendgrid_username="dry-mail", clients_dir=provisioning.clients_dir
+        sql,
+        tenant,
+        clients=7,
+        sendgrid_username="dry-mail",
+        tenant_config_root=provisioning.tenant_config_root,
     )
     everything = snapshot_except(sql, "no-tenant-excluded")
-    directory = tree(provisioning.clients_dir)
+    directory = tree(provisioning.tenant_config_root)
 
     # The subuser need not exist in SendGrid for a dry run: it is not asked.
     reply = await provisioning.deprovision(tenant, request_id=str(uuid.uuid4()), validate_only=True)
@@ -185,7 +198,7 @@ async def test_dry_run_reports_what_would_go_and_changes_nothing(
     assert dict(step(reply, pb.STEP_TENANT_RECORD).rows) == {"tenants": 1}
     assert "dry-mail" in step(reply, pb.STEP_SENDGRID_SUBUSER).detail
     assert snapshot_except(sql, "no-tenant-excluded") == everything
-    assert tree(provisioning.clients_dir) == directory
+    assert tree(provisioning.tenant_config_root) == directory
     assert provisioning.sendgrid.requests == []
     assert tenant_status(sql, tenant) == "active"
 
@@ -269,12 +282,12 @@ async def test_hostile_tenant_ids_are_invalid_argument_and_touch_nothing(
 ) -> None:
     # Targets a traversal would reach: a sibling of CLIENTS_DIR and CLIENTS_DIR itself.
     (provisioning.outside_dir / "keep.txt").write_text("keep")
-    victim = provisioning.clients_dir.parent / "x"
+    victim = provisioning.tenant_config_root.parent / "x"
     victim.mkdir()
     (victim / "keep.txt").write_text("keep")
-    make_config_directory(provisioning.clients_dir / "a")
+    make_config_directory(provisioning.tenant_config_root / "a")
     everything = snapshot_except(sql, "no-tenant-excluded")
-    files = tree(provisioning.clients_dir.parent)
+    files = tree(provisioning.tenant_config_root.parent)
 
     for hostile in HOSTILE_TENANT_IDS:
         for validate_only in (False, True):
@@ -286,7 +299,7 @@ async def test_hostile_tenant_ids_are_invalid_argument_and_touch_nothing(
             assert violation.field_violations[0].field == "tenant_id"
 
     assert snapshot_except(sql, "no-tenant-excluded") == everything
-    assert tree(provisioning.clients_dir.parent) == files
+    assert tree(provisioning.tenant_config_root.parent) == files
     assert provisioning.sendgrid.requests == []
 
 
@@ -326,7 +339,7 @@ async def test_tenant_directory_that_is_a_symlink_is_refused_and_its_target_surv
     provisioning.sendgrid.subusers.add("link-mail")
     target = provisioning.outside_dir / "precious"
     make_config_directory(target)
-    (provisioning.clients_dir / tenant).symlink_to(target, target_is_directory=True)
+    (provisioning.tenant_config_root / tenant).symlink_to(target, target_is_directory=True)
     target_before = tree(target)
     data_before = tenant_data(sql, tenant)
 
@@ -336,7 +349,7 @@ async def test_tenant_directory_that_is_a_symlink_is_refused_and_its_target_surv
         assert error_info(error).reason == "CONFIG_DIRECTORY_SYMLINK"
 
     assert tree(target) == target_before
-    assert (provisioning.clients_dir / tenant).is_symlink()
+    assert (provisioning.tenant_config_root / tenant).is_symlink()
     # Refused before anything was touched.
     assert tenant_data(sql, tenant) == data_before
     assert tenant_status(sql, tenant) == "active"
@@ -347,11 +360,13 @@ async def test_symlinked_subdirectory_is_unlinked_not_followed(
     provisioning: Provisioning, sql: psycopg.Connection[Any]
 ) -> None:
     tenant = unique_tenant("sublink")
-    seed_tenant(sql, tenant, clients_dir=provisioning.clients_dir)
+    seed_tenant(sql, tenant, tenant_config_root=provisioning.tenant_config_root)
     target = provisioning.outside_dir / "shared-assets"
     make_config_directory(target)
-    (provisioning.clients_dir / tenant / "assets").symlink_to(target, target_is_directory=True)
-    (provisioning.clients_dir / tenant / "templates" / "logo.png").symlink_to(
+    (provisioning.tenant_config_root / tenant / "assets").symlink_to(
+        target, target_is_directory=True
+    )
+    (provisioning.tenant_config_root / tenant / "templates" / "logo.png").symlink_to(
         target / "branding.toml"
     )
     target_before = tree(target)
@@ -360,8 +375,8 @@ async def test_symlinked_subdirectory_is_unlinked_not_followed(
 
     assert reply.state == pb.JOB_STATE_COMPLETED
     assert step(reply, pb.STEP_CONFIG_DIRECTORY).outcome == pb.STEP_OUTCOME_DONE
-    assert not (provisioning.clients_dir / tenant).exists()
-    assert list(provisioning.clients_dir.iterdir()) == []
+    assert not (provisioning.tenant_config_root / tenant).exists()
+    assert list(provisioning.tenant_config_root.iterdir()) == []
     assert tree(target) == target_before
 
 
@@ -370,11 +385,11 @@ async def test_file_in_place_of_the_directory_is_refused(
 ) -> None:
     tenant = unique_tenant("file")
     seed_tenant(sql, tenant)
-    (provisioning.clients_dir / tenant).write_text("not a directory")
+    (provisioning.tenant_config_root / tenant).write_text("not a directory")
     error = await provisioning.failure(tenant)
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error_info(error).reason == "CONFIG_DIRECTORY_NOT_A_DIRECTORY"
-    assert (provisioning.clients_dir / tenant).read_text() == "not a directory"
+    assert (provisioning.tenant_config_root / tenant).read_text() == "not a directory"
     assert tenant_status(sql, tenant) == "active"
 
 
@@ -382,7 +397,12 @@ async def test_two_simultaneous_calls_one_proceeds_the_other_is_aborted(
     provisioning: Provisioning, sql: psycopg.Connection[Any]
 ) -> None:
     tenant = unique_tenant("race")
-    seed_tenant(sql, tenant, sendgrid_username="race-mail", clients_dir=provisioning.clients_dir)
+    seed_tenant(
+        sql,
+        tenant,
+        sendgrid_username="race-mail",
+        tenant_config_root=provisioning.tenant_config_root,
+    )
     provisioning.sendgrid.subusers.add("race-mail")
     # A slow SendGrid keeps the first call busy while the second arrives.
     provisioning.sendgrid.script(FakeReply(204, delay_s=1.0))
@@ -429,10 +449,15 @@ async def test_callers_without_the_right_are_refused_and_nothing_changes(
     reason: str,
 ) -> None:
     tenant = unique_tenant("auth")
-    seed_tenant(sql, tenant, sendgrid_username="auth-mail", clients_dir=provisioning.clients_dir)
+    seed_tenant(
+        sql,
+        tenant,
+        sendgrid_username="auth-mail",
+        tenant_config_root=provisioning.tenant_config_root,
+    )
     provisioning.sendgrid.subusers.add("auth-mail")
     everything = snapshot_except(sql, "no-tenant-excluded")
-    files = tree(provisioning.clients_dir)
+    files = tree(provisioning.tenant_config_root)
 
     for validate_only in (False, True):
         error = await provisioning.failure(tenant, token=token, validate_only=validate_only)
@@ -441,7 +466,7 @@ async def test_callers_without_the_right_are_refused_and_nothing_changes(
         assert "not-a-known-token" not in (error.details() or "")
 
     assert snapshot_except(sql, "no-tenant-excluded") == everything
-    assert tree(provisioning.clients_dir) == files
+    assert tree(provisioning.tenant_config_root) == files
     assert provisioning.sendgrid.requests == []
 
 

@@ -64,12 +64,14 @@ async def test_deadline_cuts_row_deletion_part_way_and_repeated_calls_finish(
         database, tokens, sendgrid, tmp_path, max_batch_rows=2000
     ) as provisioning:
         tenant = unique_tenant("large")
-        expected = seed_tenant(sql, tenant, clients=clients, clients_dir=provisioning.clients_dir)
+        expected = seed_tenant(
+            sql, tenant, clients=clients, tenant_config_root=provisioning.tenant_config_root
+        )
         total = sum(expected.values())
         other = unique_tenant("other")
-        seed_tenant(sql, other, clients=50, clients_dir=provisioning.clients_dir)
+        seed_tenant(sql, other, clients=50, tenant_config_root=provisioning.tenant_config_root)
         others_before = snapshot_except(sql, tenant)
-        other_dir = tree(provisioning.clients_dir / other)
+        other_dir = tree(provisioning.tenant_config_root / other)
         request_id = str(uuid.uuid4())
 
         left = total
@@ -109,9 +111,9 @@ async def test_deadline_cuts_row_deletion_part_way_and_repeated_calls_finish(
         assert reply.state == pb.JOB_STATE_COMPLETED
         assert dict(data_step(reply).rows) == expected
         assert remaining_rows(sql, tenant) == {}
-        assert not (provisioning.clients_dir / tenant).exists()
+        assert not (provisioning.tenant_config_root / tenant).exists()
         assert snapshot_except(sql, tenant) == others_before
-        assert tree(provisioning.clients_dir / other) == other_dir
+        assert tree(provisioning.tenant_config_root / other) == other_dir
         assert len(jobs_of(sql, tenant)) == 1
 
 

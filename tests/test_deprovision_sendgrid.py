@@ -53,7 +53,10 @@ def sendgrid_step(response: pb.DeprovisionResponse) -> pb.StepResult:
 def arrange(provisioning: Provisioning, sql: psycopg.Connection[Any], prefix: str) -> str:
     tenant = unique_tenant(prefix)
     seed_tenant(
-        sql, tenant, sendgrid_username=f"{prefix}-mail", clients_dir=provisioning.clients_dir
+        sql,
+        tenant,
+        sendgrid_username=f"{prefix}-mail",
+        tenant_config_root=provisioning.tenant_config_root,
     )
     provisioning.sendgrid.subusers.add(f"{prefix}-mail")
     return tenant
@@ -67,7 +70,7 @@ def assert_untouched_but_marked(
     files: dict[str, str],
 ) -> None:
     assert tenant_data(sql, tenant) == data
-    assert tree(provisioning.clients_dir / tenant) == files
+    assert tree(provisioning.tenant_config_root / tenant) == files
     assert tenant_status(sql, tenant) == "deprovisioning"
     ((_, state, *_),) = jobs_of(sql, tenant)
     assert state == "FAILED"
@@ -104,7 +107,7 @@ async def test_sendgrid_failure_leaves_the_data_and_a_retry_completes(
 ) -> None:
     tenant = arrange(provisioning, sql, "fail")
     data = tenant_data(sql, tenant)
-    files = tree(provisioning.clients_dir / tenant)
+    files = tree(provisioning.tenant_config_root / tenant)
     provisioning.sendgrid.script(reply)
     request_id = str(uuid.uuid4())
 
@@ -128,7 +131,7 @@ async def test_sendgrid_failure_leaves_the_data_and_a_retry_completes(
     assert sendgrid_step(done).outcome == pb.STEP_OUTCOME_DONE
     assert len(provisioning.sendgrid.deletes()) == 2
     assert remaining_rows(sql, tenant) == {}
-    assert not (provisioning.clients_dir / tenant).exists()
+    assert not (provisioning.tenant_config_root / tenant).exists()
 
 
 async def test_rate_limit_is_unavailable_with_retry_info_from_the_reset_header(
@@ -136,7 +139,7 @@ async def test_rate_limit_is_unavailable_with_retry_info_from_the_reset_header(
 ) -> None:
     tenant = arrange(provisioning, sql, "limited")
     data = tenant_data(sql, tenant)
-    files = tree(provisioning.clients_dir / tenant)
+    files = tree(provisioning.tenant_config_root / tenant)
     reset = int(time.time()) + 42
     provisioning.sendgrid.script(
         FakeReply(
@@ -167,7 +170,7 @@ async def test_sendgrid_slower_than_the_deadline_is_deadline_exceeded(
 ) -> None:
     tenant = arrange(provisioning, sql, "slow")
     data = tenant_data(sql, tenant)
-    files = tree(provisioning.clients_dir / tenant)
+    files = tree(provisioning.tenant_config_root / tenant)
     provisioning.sendgrid.script(FakeReply(204, delay_s=5.0))
 
     started = time.monotonic()
@@ -265,7 +268,9 @@ async def test_malformed_subuser_name_is_refused_before_anything_is_touched(
     provisioning: Provisioning, sql: psycopg.Connection[Any], name: str
 ) -> None:
     tenant = unique_tenant("badname")
-    seed_tenant(sql, tenant, sendgrid_username=name, clients_dir=provisioning.clients_dir)
+    seed_tenant(
+        sql, tenant, sendgrid_username=name, tenant_config_root=provisioning.tenant_config_root
+    )
     data = tenant_data(sql, tenant)
     for validate_only in (True, False):
         error = await provisioning.failure(tenant, validate_only=validate_only)

@@ -166,7 +166,7 @@ async def test_readme_deprovision_commands_dry_run_then_real(
     async with provisioning_server(
         database, tokens, sendgrid, tmp_path, sendgrid_api_key=None, dev_mode=True
     ) as provisioning:
-        make_config_directory(provisioning.clients_dir / "initech-voyages")
+        make_config_directory(provisioning.tenant_config_root / "initech-voyages")
         address = provisioning.address
         kwargs: dict[str, Any] = {
             "token": TOKEN_ADMIN,
@@ -196,13 +196,13 @@ async def test_readme_deprovision_commands_dry_run_then_real(
             "pipeline_stage_clients": "2",
             "pipeline_stage_values": "2",
         }
-        assert (provisioning.clients_dir / "initech-voyages").is_dir()
+        assert (provisioning.tenant_config_root / "initech-voyages").is_dir()
 
         code, out, err = await run(real, address, **kwargs)
         assert code == 0, err
         done = json.loads(out)
         assert done["state"] == "JOB_STATE_COMPLETED"
-        assert not (provisioning.clients_dir / "initech-voyages").exists()
+        assert not (provisioning.tenant_config_root / "initech-voyages").exists()
         steps = {s["step"]: s["outcome"] for s in done["steps"]}
         assert steps["STEP_SENDGRID_SUBUSER"] == "STEP_OUTCOME_ALREADY_ABSENT"
 

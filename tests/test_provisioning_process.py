@@ -84,11 +84,13 @@ async def provisioning_process(env: dict[str, str], tmp_path: Path) -> AsyncIter
 async def test_the_service_process_deprovisions_in_dev_mode(
     direct_url: str, sql: psycopg.Connection[Any], tmp_path: Path
 ) -> None:
-    clients_dir = tmp_path / "clients"
-    clients_dir.mkdir()
+    tenant_config_root = tmp_path / "clients"
+    tenant_config_root.mkdir()
     tenant = unique_tenant("proc")
-    rows = seed_tenant(sql, tenant, sendgrid_username="proc-mail", clients_dir=clients_dir)
-    env = {"DATABASE_URL": direct_url, "CLIENTS_DIR": str(clients_dir), "DEV_MODE": "1"}
+    rows = seed_tenant(
+        sql, tenant, sendgrid_username="proc-mail", tenant_config_root=tenant_config_root
+    )
+    env = {"DATABASE_URL": direct_url, "CLIENTS_DIR": str(tenant_config_root), "DEV_MODE": "1"}
     async with provisioning_process(env, tmp_path) as service:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
             stub = provisioning_pb2_grpc.ProvisioningServiceStub(channel)
@@ -107,7 +109,7 @@ async def test_the_service_process_deprovisions_in_dev_mode(
     assert done.state == pb.JOB_STATE_COMPLETED
     assert done.steps[1].outcome == pb.STEP_OUTCOME_SKIPPED
     assert remaining_rows(sql, tenant) == {}
-    assert not (clients_dir / tenant).exists()
+    assert not (tenant_config_root / tenant).exists()
     assert "caller=ops-console" in log
     assert "sendgrid_key_missing" in log
     assert TOKEN not in log and token_sha256(TOKEN) not in log

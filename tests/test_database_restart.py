@@ -19,13 +19,13 @@ import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from devkit.pooler import Pooler
 from shared.auth import TokenRegistry
 from shared.database.migrations import apply_migrations
 from shared.database.postgres import PostgresDatabase
 from shared.proto_gen.crm.v1 import crm_pb2, crm_pb2_grpc
 from tests.conftest import TOKEN_READER, start_crm_server
 from tests.factories import create_tenant
-from tests.pooler import Pooler
 from tests.rpc import bearer, error_info
 
 TENANT = "restart-tenant"

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 
+from devkit.pooler import Pooler
 from shared.auth import TokenRegistry
 from shared.database import Database
 from shared.database.postgres import PostgresDatabase
@@ -21,7 +22,6 @@ from shared.errors import DeadlineExceeded
 from shared.proto_gen.crm.v1 import crm_pb2, crm_pb2_grpc
 from tests.conftest import TEST_DB, TOKEN_READER, start_crm_server
 from tests.factories import create_tenant, unique_tenant
-from tests.pooler import Pooler
 from tests.rpc import bearer, error_info
 
 

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
+from devkit.databases import create_database, drop_database
 from shared.database.migrations import apply_migrations
 from shared.errors import FailedPrecondition
-from tests.conftest import create_database, drop_database
 
 
 def test_migrate_refuses_supabases_transaction_pooler() -> None:

@@ -27,13 +27,13 @@ from crm_svc.compaction import (
     compact_pipeline,
     run_compactor,
 )
+from devkit.postgrest_standin import PostgrestStandin
 from shared.database import Database
 from shared.deadline import Deadline
 from shared.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from tests import polling
 from tests.conftest import url_for
 from tests.factories import add_clients, add_quotes, create_tenant, unique_tenant
-from tests.postgrest_standin import PostgrestStandin
 from tests.test_service_process import (
     Service,
     kill_if_running,

@@ -4,14 +4,9 @@ key outside dev mode, and a clean stop on SIGTERM with no secret logged."""
 
 from __future__ import annotations
 
-import asyncio
 import os
-import re
-import signal
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,66 +14,38 @@ import grpc
 import psycopg
 import pytest
 
+from devkit.tokens import TokenCaller, write_tokens_file
 from shared.auth import SCOPE_TENANTS_DELETE, token_sha256
 from shared.proto_gen.provisioning.v1 import provisioning_pb2 as pb
 from shared.proto_gen.provisioning.v1 import provisioning_pb2_grpc
 from tests.factories import unique_tenant
 from tests.provisioning_fixtures import remaining_rows, seed_tenant
 from tests.rpc import bearer, error_info
+from tests.test_service_process import Service, kill_if_running, start_service_process
 
 TOKEN = "process-provisioning-token-0123456789"
 
 
-@dataclass
-class Running:
-    process: asyncio.subprocess.Process
-    port: int = 0
-    log: str = ""
-
-    async def stop(self) -> None:
-        """SIGTERM, then the rest of its log; it must exit cleanly."""
-        self.process.send_signal(signal.SIGTERM)
-        assert self.process.stderr is not None
-        async with asyncio.timeout(15):
-            self.log += (await self.process.stderr.read()).decode()
-            assert await self.process.wait() == 0
-
-
 @asynccontextmanager
-async def provisioning_process(env: dict[str, str], tmp_path: Path) -> AsyncIterator[Running]:
+async def provisioning_process(env: dict[str, str], tmp_path: Path) -> AsyncIterator[Service]:
     """`python -m provisioning_svc` serving on a free port; killed if still running at the end."""
-    tokens_file = tmp_path / "tokens.toml"
-    tokens_file.write_text(
-        f'[[callers]]\nname = "ops-console"\ntoken_sha256 = "{token_sha256(TOKEN)}"\n'
-        f'scopes = ["{SCOPE_TENANTS_DELETE}"]\n'
+    tokens_file = write_tokens_file(
+        tmp_path / "tokens.toml", [TokenCaller("ops-console", TOKEN, [SCOPE_TENANTS_DELETE])]
     )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
+    service = await start_service_process(
         "provisioning_svc",
-        env={
+        {
             **{k: v for k, v in os.environ.items() if k != "SENDGRID_API_KEY"},
             "AUTH_TOKENS_FILE": str(tokens_file),
             "PROVISIONING_LISTEN": "127.0.0.1:0",
             **env,
         },
-        stderr=asyncio.subprocess.PIPE,
+        tokens_file,
     )
-    running = Running(process)
     try:
-        assert process.stderr is not None
-        async with asyncio.timeout(30):
-            while not running.port:
-                line = (await process.stderr.readline()).decode()
-                assert line, f"provisioning_svc exited before serving: {running.log}"
-                running.log += line
-                if match := re.search(r"serving \S+ProvisioningService on port (\d+)", line):
-                    running.port = int(match.group(1))
-        yield running
+        yield service
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await kill_if_running(service)
 
 
 async def test_the_service_process_deprovisions_in_dev_mode(
@@ -103,7 +70,7 @@ async def test_the_service_process_deprovisions_in_dev_mode(
                 pb.DeprovisionRequest(tenant_id=tenant), metadata=bearer(TOKEN), timeout=10
             )
         await service.stop()
-    log = service.log
+    log = "".join(service.log)
     assert dry.state == pb.JOB_STATE_VALIDATED
     assert dict(dry.steps[2].rows) == rows
     assert done.state == pb.JOB_STATE_COMPLETED

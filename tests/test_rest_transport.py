@@ -10,12 +10,12 @@ import httpx
 import psycopg
 import pytest
 
+from devkit import postgrest_standin
+from devkit.postgrest_standin import PostgrestStandin
 from shared.database.rest import BUDGET_HEADER, SupabaseRestDatabase
 from shared.deadline import Deadline
 from shared.errors import DeadlineExceeded, Internal, NotFound, Unavailable
-from tests import postgrest_standin
 from tests.factories import create_tenant, unique_tenant
-from tests.postgrest_standin import PostgrestStandin
 
 
 @pytest.fixture

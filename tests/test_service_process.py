@@ -17,7 +17,9 @@ import grpc
 import psycopg
 import pytest_asyncio
 
-from shared.auth import token_sha256
+import devkit.tokens
+from devkit.tokens import TokenCaller
+from shared.auth import SCOPE_PIPELINE_READ, token_sha256
 from shared.proto_gen.crm.v1 import crm_pb2, crm_pb2_grpc
 from tests.factories import create_tenant, unique_tenant
 from tests.rpc import bearer, error_info
@@ -27,10 +29,7 @@ TOKEN_B = "process-token-bbbbbbbbbbbbbbbb"
 
 
 def tokens_toml(name: str, token: str) -> str:
-    return (
-        f'[[callers]]\nname = "{name}"\ntoken_sha256 = "{token_sha256(token)}"\n'
-        'scopes = ["crm.pipeline.read"]\n'
-    )
+    return devkit.tokens.tokens_toml([TokenCaller(name, token, [SCOPE_PIPELINE_READ])])
 
 
 @dataclass
@@ -52,16 +51,30 @@ class Service:
                     raise AssertionError(f"service exited before logging {pattern!r}: {self.log}")
                 self.log.append(raw.decode())
 
+    async def stop(self) -> None:
+        """SIGTERM, then the rest of its log; it must exit cleanly."""
+        self.process.send_signal(signal.SIGTERM)
+        assert self.process.stderr is not None
+        async with asyncio.timeout(15):
+            rest = await self.process.stderr.read()
+            assert await self.process.wait() == 0
+        self.log += [line + "\n" for line in rest.decode().splitlines()]
 
-async def start_crm_process(env: dict[str, str], tokens_file: Path) -> Service:
-    """`python -m crm_svc` with `env`, once it serves (on the port it logged)."""
+
+async def start_service_process(module: str, env: dict[str, str], tokens_file: Path) -> Service:
+    """`python -m module` with `env` (listening on port 0), once it serves on the
+    port it logged."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "crm_svc", env=env, stderr=asyncio.subprocess.PIPE
+        sys.executable, "-m", module, env=env, stderr=asyncio.subprocess.PIPE
     )
     service = Service(process, 0, tokens_file)
-    match = await service.read_until(r"serving crm\.v1\.CrmService on port (\d+)")
+    match = await service.read_until(r"serving \S+ on port (\d+)", timeout_s=30.0)
     service.port = int(match.group(1))
     return service
+
+
+async def start_crm_process(env: dict[str, str], tokens_file: Path) -> Service:
+    return await start_service_process("crm_svc", env, tokens_file)
 
 
 async def kill_if_running(service: Service) -> None:
@@ -118,11 +131,7 @@ async def test_tokens_reload_on_sighup_and_logs_stay_clean(
     await service.read_until(r"tokens file not reloaded")
     assert await summary(service.port, tenant, TOKEN_B) == grpc.StatusCode.OK
 
-    service.process.send_signal(signal.SIGTERM)
-    async with asyncio.timeout(10):
-        assert await service.process.wait() == 0
-    assert service.process.stderr is not None
-    service.log += [line.decode() for line in (await service.process.stderr.read()).splitlines()]
+    await service.stop()
 
     rpc_lines = [line for line in service.log if " rpc method=" in line]
     assert any("caller=caller-a" in line and "code=OK" in line for line in rpc_lines)

@@ -1,5 +1,5 @@
-"""A PostgREST-protocol stand-in for tests (PostgREST itself cannot be
-installed here). Never shipped.
+"""A PostgREST-protocol stand-in for the tests and the benchmarks (PostgREST
+itself cannot be installed here). No service ever uses it.
 
 Serves `POST /rest/v1/rpc/<function>` the way PostgREST does: checks the
 `apikey` header and the JWT in `Authorization`, then in ONE transaction

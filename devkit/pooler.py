@@ -4,7 +4,8 @@ Supabase's pooler (port 6543) hands each transaction to whichever server
 connection is free, as PgBouncer does with `pool_mode = transaction`: what a
 client leaves on a connection between transactions (prepared statements,
 session settings) is seen by other clients, or lost. Tests run the direct
-transport through it to prove the services keep no such state.
+transport through it to prove the services keep no such state; benchmarks
+measure the services behind it.
 
 PgBouncer is Debian's `pgbouncer` package. It refuses to run as root, so as
 root it is started with `-u` as an unprivileged user: the owner of the

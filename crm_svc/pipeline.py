@@ -1,7 +1,8 @@
-"""The pipeline summary of one tenant (design §6).
+"""The pipeline summary of one tenant (semantics: README, "Pipeline aggregates").
 
 All counting and summing happens in the SQL function `pipeline_summary`;
-this module validates, authorizes, calls it and types the answer.
+this module validates, checks the caller's tenant restriction, calls it and
+types the answer. The caller's scope was checked at the server boundary.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, NamedTuple
 
-from shared.auth import SCOPE_PIPELINE_READ, authorized_caller
+from shared.auth import Caller
 from shared.database import Database
 from shared.deadline import Deadline
 from shared.errors import Internal
@@ -46,9 +47,11 @@ class PipelineSummary:
     computed_at: datetime
 
 
-async def pipeline_summary(db: Database, tenant_id: str, deadline: Deadline) -> PipelineSummary:
+async def pipeline_summary(
+    db: Database, caller: Caller, tenant_id: str, deadline: Deadline
+) -> PipelineSummary:
     tenant_id = parse_tenant_id(tenant_id)
-    authorized_caller(SCOPE_PIPELINE_READ, tenant_id)
+    caller.require_tenant(tenant_id)
     document = await db.call(
         "pipeline_summary",
         {"p_tenant_id": tenant_id},

@@ -6,7 +6,7 @@ from grpc.aio import ServicerContext
 
 from crm_svc.pipeline import PipelineSummary, pipeline_summary
 from shared.database import Database
-from shared.deadline import Deadline
+from shared.inbound_rpc import inbound_rpc
 from shared.money import add_money
 from shared.proto_gen.crm.v1 import crm_pb2, crm_pb2_grpc
 from shared.server import Service
@@ -16,22 +16,24 @@ ERROR_DOMAIN = "crm.travel-agency.internal"
 
 
 class CrmServicer(crm_pb2_grpc.CrmServiceServicer):
-    def __init__(self, db: Database, default_deadline_s: float) -> None:
+    def __init__(self, db: Database) -> None:
         self._db = db
-        self._default_deadline_s = default_deadline_s
 
     async def PipelineSummary(
         self, request: crm_pb2.PipelineSummaryRequest, context: ServicerContext
     ) -> crm_pb2.PipelineSummaryResponse:
-        deadline = Deadline.from_time_remaining(context.time_remaining(), self._default_deadline_s)
-        summary = await pipeline_summary(self._db, request.tenant_id, deadline)
+        rpc = inbound_rpc()
+        summary = await pipeline_summary(self._db, rpc.caller, request.tenant_id, rpc.deadline)
         return to_response(summary)
 
 
 def crm_service(db: Database, default_deadline_s: float) -> Service:
-    servicer = CrmServicer(db, default_deadline_s)
+    """The CRM service; `default_deadline_s` applies when a caller sets no deadline."""
+    servicer = CrmServicer(db)
     return Service(
-        SERVICE_NAME, lambda server: crm_pb2_grpc.add_CrmServiceServicer_to_server(servicer, server)
+        SERVICE_NAME,
+        lambda server: crm_pb2_grpc.add_CrmServiceServicer_to_server(servicer, server),
+        default_deadline_s,
     )
 
 

@@ -34,7 +34,7 @@ from provisioning_svc.sendgrid_subusers import (
     SubuserDeletion,
     subuser_path_segment,
 )
-from shared.auth import SCOPE_TENANTS_DELETE, authorized_caller
+from shared.auth import Caller
 from shared.database import Database
 from shared.deadline import Deadline
 from shared.errors import (
@@ -241,10 +241,11 @@ class Deprovisioner:
         self._max_batch_rows = max(max_batch_rows, 1)
 
     async def deprovision(
-        self, request: DeprovisionRequest, deadline: Deadline
+        self, request: DeprovisionRequest, caller: Caller, deadline: Deadline
     ) -> DeprovisionResult:
+        """Deprovision for `caller`, whose scope the server boundary checked."""
         try:
-            result = await self._deprovision(request, deadline)
+            result = await self._deprovision(request, caller, deadline)
         except ServiceError as error:
             for partial in error.details:
                 if isinstance(partial, DeprovisionResult):
@@ -254,11 +255,11 @@ class Deprovisioner:
         return result
 
     async def _deprovision(
-        self, request: DeprovisionRequest, deadline: Deadline
+        self, request: DeprovisionRequest, caller: Caller, deadline: Deadline
     ) -> DeprovisionResult:
         tenant_id = parse_tenant_id(request.tenant_id)
         request_id = parse_request_id(request.request_id)
-        caller = authorized_caller(SCOPE_TENANTS_DELETE, tenant_id)
+        caller.require_tenant(tenant_id)
         # Configuration problems fail before anything is touched.
         self._subusers.require_usable()
         if request.validate_only:

@@ -16,8 +16,8 @@ from provisioning_svc.deprovision import (
 )
 from provisioning_svc.sendgrid_subusers import SendGridSubusers
 from shared.database import Database
-from shared.deadline import Deadline
 from shared.errors import ServiceError
+from shared.inbound_rpc import inbound_rpc
 from shared.proto_gen.provisioning.v1 import provisioning_pb2, provisioning_pb2_grpc
 from shared.server import Service
 from shared.settings import Settings
@@ -27,14 +27,13 @@ ERROR_DOMAIN = "provisioning.travel-agency.internal"
 
 
 class ProvisioningServicer(provisioning_pb2_grpc.ProvisioningServiceServicer):
-    def __init__(self, deprovisioner: Deprovisioner, default_deadline_s: float) -> None:
+    def __init__(self, deprovisioner: Deprovisioner) -> None:
         self._deprovisioner = deprovisioner
-        self._default_deadline_s = default_deadline_s
 
     async def Deprovision(
         self, request: provisioning_pb2.DeprovisionRequest, context: ServicerContext
     ) -> provisioning_pb2.DeprovisionResponse:
-        deadline = Deadline.from_time_remaining(context.time_remaining(), self._default_deadline_s)
+        rpc = inbound_rpc()
         try:
             result = await self._deprovisioner.deprovision(
                 DeprovisionRequest(
@@ -43,7 +42,8 @@ class ProvisioningServicer(provisioning_pb2_grpc.ProvisioningServiceServicer):
                     validate_only=request.validate_only,
                     allow_missing=request.allow_missing,
                 ),
-                deadline,
+                rpc.caller,
+                rpc.deadline,
             )
         except ServiceError as error:
             # A failed step carries the partial result: it travels as a status detail.
@@ -68,12 +68,13 @@ def provisioning_service(
         ConfigDirectories(settings.tenant_config_root),
         max_batch_rows=max_batch_rows,
     )
-    servicer = ProvisioningServicer(deprovisioner, settings.provisioning_default_deadline_s)
+    servicer = ProvisioningServicer(deprovisioner)
     return Service(
         SERVICE_NAME,
         lambda server: provisioning_pb2_grpc.add_ProvisioningServiceServicer_to_server(
             servicer, server
         ),
+        settings.provisioning_default_deadline_s,
     )
 
 

@@ -1,8 +1,14 @@
-"""Callers and their credentials (design §8, AUTH_TOKENS_FILE).
+"""Who may call what: the methods' required scopes, and the callers.
 
-The tokens file lists callers with the sha256 of their bearer token, their
-scopes and optionally the tenants they may touch. Only hashes are on disk;
-tokens are compared in constant time.
+`METHOD_ACCESS` is the one table of every method our servers answer and the
+scope it requires (or that it is public); the server boundary enforces it for
+every handler kind and refuses a method missing from it. The tenant
+restriction depends on the request, so domain code checks it on the caller
+it is handed (`Caller.require_tenant`).
+
+The tokens file (AUTH_TOKENS_FILE, format in the README) lists callers with
+the sha256 of their bearer token, their scopes and optionally the tenants
+they may touch. Only hashes are on disk; tokens are compared in constant time.
 """
 
 from __future__ import annotations
@@ -12,9 +18,10 @@ import hmac
 import logging
 import re
 import tomllib
-from contextvars import ContextVar
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 from shared.errors import FailedPrecondition, PermissionDenied, Unauthenticated
 
@@ -23,6 +30,42 @@ log = logging.getLogger(__name__)
 SCOPE_PIPELINE_READ = "crm.pipeline.read"
 SCOPE_TENANTS_DELETE = "provisioning.tenants.delete"
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class MethodAccess:
+    """Who may call a method: anyone, without a token (`PUBLIC`), or an
+    authenticated caller holding `scope` (`requires(scope)`)."""
+
+    scope: str | None
+
+    @property
+    def public(self) -> bool:
+        return self.scope is None
+
+
+PUBLIC = MethodAccess(scope=None)
+
+
+def requires(scope: str) -> MethodAccess:
+    return MethodAccess(scope=scope)
+
+
+# Every method our servers answer, by full gRPC method name. A method missing
+# here is refused (UNIMPLEMENTED), whatever the credential.
+METHOD_ACCESS: Mapping[str, MethodAccess] = MappingProxyType(
+    {
+        "/crm.v1.CrmService/PipelineSummary": requires(SCOPE_PIPELINE_READ),
+        "/provisioning.v1.ProvisioningService/Deprovision": requires(SCOPE_TENANTS_DELETE),
+        # Load balancers, probes and grpcurl use these without a token.
+        "/grpc.health.v1.Health/Check": PUBLIC,
+        "/grpc.health.v1.Health/List": PUBLIC,
+        "/grpc.health.v1.Health/Watch": PUBLIC,
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": PUBLIC,
+        # Not served by the grpcio-reflection we pin; public if a later one adds it.
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": PUBLIC,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -46,20 +89,6 @@ class Caller:
                 reason="TENANT_NOT_ALLOWED",
                 metadata={"caller": self.name, "tenant_id": tenant_id},
             )
-
-
-# The authenticated caller of the RPC being served (set by the auth interceptor).
-current_caller: ContextVar[Caller | None] = ContextVar("current_caller", default=None)
-
-
-def authorized_caller(scope: str, tenant_id: str) -> Caller:
-    """The current caller, checked for `scope` and `tenant_id`."""
-    caller = current_caller.get()
-    if caller is None:
-        raise Unauthenticated("no authenticated caller", reason="MISSING_CREDENTIALS")
-    caller.require_scope(scope)
-    caller.require_tenant(tenant_id)
-    return caller
 
 
 def token_sha256(token: str) -> str:

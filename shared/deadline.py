@@ -1,15 +1,15 @@
-"""Deadlines and budgets (design §3).
+"""Deadlines and budgets (docs/design.md, "Deadlines").
 
-A `Deadline` is the caller's gRPC deadline as an absolute monotonic time. Each
-outbound operation derives its *budget* from it: the time it may take, capped
-per operation and short of the deadline by a safety margin so that the
-server answers before the caller gives up.
+A `Deadline` is an absolute monotonic time: for an RPC, the caller's gRPC
+deadline, or the service's default when the caller set none, built once at
+the server boundary. Each outbound operation derives its *budget* from it:
+the time it may take, capped per operation and short of the deadline by a
+safety margin so that the server answers before the caller gives up.
 """
 
 from __future__ import annotations
 
 import time
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 from shared.errors import DeadlineExceeded
@@ -65,9 +65,3 @@ class Deadline:
                 metadata={"operation": operation},
             )
         return budget
-
-
-# The deadline of the inbound RPC being served (set by the status interceptor),
-# None when its caller set none. Python does not propagate deadlines, so our
-# client helpers read this to pass the rest of it on to the services they call.
-inbound_deadline: ContextVar[Deadline | None] = ContextVar("inbound_deadline", default=None)

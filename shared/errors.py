@@ -71,5 +71,11 @@ class Unavailable(ServiceError):
         self.retry_after_s = retry_after_s
 
 
+class Unimplemented(ServiceError):
+    """The method exists on the server but is not open to callers (see the access table)."""
+
+    default_reason = "UNIMPLEMENTED"
+
+
 class Internal(ServiceError):
     default_reason = "INTERNAL"

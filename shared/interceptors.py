@@ -1,67 +1,51 @@
-"""Server interceptors: errors to statuses plus the access log, and auth.
+"""The server boundary: where every RPC enters, whatever its handler kind.
 
-Both wrap the unary-unary behaviours of our services; health and reflection
-pass through untouched (they are public). A method's handler is the same
-object on every call, so each interceptor wraps it once and reuses the
-wrapped handler (`_WrappedHandlers`): nothing is built per RPC but the call.
+`RpcBoundary` is the one server interceptor. For each method it looks up the
+access table (`shared.auth.METHOD_ACCESS`):
+
+- a public method (health, reflection) passes through untouched;
+- a method missing from the table is refused with UNIMPLEMENTED, with or
+  without a token (see `RpcBoundary`);
+- any other method is wrapped, for all four handler kinds (unary-unary,
+  unary-stream, stream-unary, stream-stream). Per call the wrapper builds the
+  RPC's one `Deadline` (the caller's, else the service's default),
+  authenticates the bearer token, checks the method's scope, publishes the
+  admitted RPC (`shared.inbound_rpc`), runs the handler, turns typed errors
+  into statuses (`shared.status`, the one mapping), and records metrics and
+  the access log line.
+
+A method's handler is the same object on every call, so the wrapped handler is
+built once per method and reused: nothing is built per RPC but the call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
 
 import grpc
 from grpc.aio import ServicerContext
 
-from shared.auth import TokenRegistry, current_caller
-from shared.deadline import Deadline, inbound_deadline
-from shared.errors import InvalidArgument, ServiceError, Unauthenticated
+from shared.auth import MethodAccess, TokenRegistry
+from shared.deadline import Deadline
+from shared.errors import InvalidArgument, ServiceError, Unauthenticated, Unimplemented
+from shared.inbound_rpc import INBOUND_RPC, InboundRpc
 from shared.logs import kv
 from shared.metrics import RPC_SECONDS, RPCS, RPCS_IN_FLIGHT
 from shared.status import internal_error, to_rpc_status
 
 log = logging.getLogger("rpc")
 
-Behaviour = Callable[[Any, ServicerContext], Awaitable[Any]]
+# The deadline for a method of a service that did not declare its default
+# (every Service passed to create_server declares one).
+FALLBACK_DEFAULT_DEADLINE_S = 10.0
 
-
-def _wrap_unary(
-    handler: grpc.RpcMethodHandler | None,
-    wrap: Callable[[Behaviour], Behaviour],
-    deserializer: Callable[[bytes], Any] | None = None,
-) -> grpc.RpcMethodHandler | None:
-    if handler is None or handler.unary_unary is None:
-        return handler
-    return grpc.unary_unary_rpc_method_handler(
-        wrap(handler.unary_unary),
-        request_deserializer=deserializer or handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-
-
-class _WrappedHandlers:
-    """Wrapped handlers by method, rebuilt only if the inner handler changes."""
-
-    def __init__(self) -> None:
-        self._by_method: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler | None]] = {}
-
-    def get(
-        self,
-        method: str,
-        handler: grpc.RpcMethodHandler,
-        build: Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler | None],
-    ) -> grpc.RpcMethodHandler | None:
-        known = self._by_method.get(method)
-        if known is not None and known[0] is handler:
-            return known[1]
-        wrapped = build(method, handler)
-        self._by_method[method] = (handler, wrapped)
-        return wrapped
+Behaviour = Callable[[Any, ServicerContext], Any]
 
 
 @dataclass(frozen=True)
@@ -84,117 +68,11 @@ def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], An
     return parse
 
 
-class StatusInterceptor(grpc.aio.ServerInterceptor):
-    """Turns typed errors into statuses (one place) and logs every RPC.
-
-    It also records the caller's deadline in `inbound_deadline`, so that the
-    client helpers can pass what is left of it to the services they call.
-    """
-
-    def __init__(self, domain: str, public_methods: Collection[str]) -> None:
-        self._domain = domain
-        self._public = frozenset(public_methods)
-        self._wrapped = _WrappedHandlers()
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or details.method in self._public:
-            return handler
-        return self._wrapped.get(details.method, handler, self._wrap)  # type: ignore[return-value]
-
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler | None:
-        # Undecodable bodies reach the wrapper as a marker, so they are
-        # INVALID_ARGUMENT (the caller's fault) rather than grpc's INTERNAL.
-        return _wrap_unary(
-            handler,
-            lambda inner: self._behaviour(method, inner),
-            _lenient(handler.request_deserializer),
+def _reject_undecodable(request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(
+            "request body is not a valid message", field="request", reason="MALFORMED_REQUEST"
         )
-
-    def _behaviour(self, method: str, inner: Behaviour) -> Behaviour:
-        domain = self._domain
-        # This method's metrics, labelled once.
-        in_flight = RPCS_IN_FLIGHT.labels(method)
-        seconds = RPC_SECONDS.labels(method)
-        codes: dict[grpc.StatusCode, Any] = {}  # the RPCS counter by code
-
-        async def behaviour(request: Any, context: ServicerContext) -> Any:
-            started = time.monotonic()
-            inbound_deadline.set(Deadline.from_caller(context.time_remaining()))
-            code = grpc.StatusCode.OK
-            in_flight.inc()
-            try:
-                if isinstance(request, _Undecodable):
-                    raise InvalidArgument(
-                        "request body is not a valid message",
-                        field="request",
-                        reason="MALFORMED_REQUEST",
-                    )
-                return await inner(request, context)
-            except grpc.aio.AbortError:
-                raise  # the RPC already ended with a status
-            except ServiceError as error:
-                status = to_rpc_status(error, domain)
-                code = status.code
-                await context.abort_with_status(status)
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED  # deadline passed or caller went away
-                raise
-            except Exception as exc:
-                log.exception(kv("unhandled_error", method=method))
-                status = to_rpc_status(internal_error(exc), domain)
-                code = status.code
-                await context.abort_with_status(status)
-            finally:
-                duration_s = time.monotonic() - started
-                in_flight.dec()
-                counter = codes.get(code)
-                if counter is None:
-                    counter = codes[code] = RPCS.labels(method, code.name)
-                counter.inc()
-                seconds.observe(duration_s)
-                # The access log, formatted only if emitted, as kv() would (a
-                # method name has no spaces or quotes to escape).
-                log.info(
-                    "rpc method=%s code=%s duration_ms=%.1f", method, code.name, duration_s * 1000
-                )
-
-        return behaviour
-
-
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Authenticates the bearer token of every non-public RPC."""
-
-    def __init__(
-        self, tokens: Callable[[], TokenRegistry], public_methods: Collection[str]
-    ) -> None:
-        self._tokens = tokens
-        self._public = frozenset(public_methods)
-        self._wrapped = _WrappedHandlers()
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or details.method in self._public:
-            return handler
-        return self._wrapped.get(details.method, handler, self._wrap)  # type: ignore[return-value]
-
-    def _wrap(self, _method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler | None:
-        return _wrap_unary(handler, self._behaviour)
-
-    def _behaviour(self, inner: Behaviour) -> Behaviour:
-        async def behaviour(request: Any, context: ServicerContext) -> Any:
-            current_caller.set(self._tokens().authenticate(_bearer_token(context)))
-            return await inner(request, context)
-
-        return behaviour
 
 
 def _bearer_token(context: ServicerContext) -> str:
@@ -208,3 +86,216 @@ def _bearer_token(context: ServicerContext) -> str:
     raise Unauthenticated(
         "missing credentials: send 'authorization: Bearer <token>'", reason="MISSING_CREDENTIALS"
     )
+
+
+@dataclass
+class _Call:
+    """One call of a wrapped method: when it started and how it ended."""
+
+    started: float = field(default_factory=time.monotonic)
+    code: grpc.StatusCode = grpc.StatusCode.OK
+
+
+class _MethodBoundary:
+    """The boundary of one method: its access rule, default deadline and metrics."""
+
+    def __init__(
+        self,
+        method: str,
+        access: MethodAccess | None,
+        default_deadline_s: float,
+        tokens: Callable[[], TokenRegistry],
+        domain: str,
+    ) -> None:
+        self._method = method
+        self._access = access
+        self._default_deadline_s = default_deadline_s
+        self._tokens = tokens
+        self._domain = domain
+        # This method's metrics, labelled once.
+        self._in_flight = RPCS_IN_FLIGHT.labels(method)
+        self._seconds = RPC_SECONDS.labels(method)
+        self._by_code: dict[grpc.StatusCode, Any] = {}  # the RPCS counter by code
+
+    def _admit(self, context: ServicerContext) -> None:
+        """Refuse, or publish the admitted RPC with its one deadline."""
+        deadline = Deadline.from_time_remaining(context.time_remaining(), self._default_deadline_s)
+        if self._access is None:
+            raise Unimplemented(
+                f"method {self._method} is not served",
+                reason="METHOD_NOT_SERVED",
+                metadata={"method": self._method},
+            )
+        caller = self._tokens().authenticate(_bearer_token(context))
+        if self._access.scope is not None:
+            caller.require_scope(self._access.scope)
+        INBOUND_RPC.set(InboundRpc(self._method, caller, deadline))
+
+    def _begin(self) -> _Call:
+        self._in_flight.inc()
+        return _Call()
+
+    async def _fail(self, call: _Call, exc: BaseException, context: ServicerContext) -> NoReturn:
+        """End the call with the status `exc` stands for (always raises)."""
+        if isinstance(exc, grpc.aio.AbortError):
+            call.code = context.code() or grpc.StatusCode.UNKNOWN
+            raise exc  # the RPC already ended with a status
+        if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            call.code = grpc.StatusCode.CANCELLED  # deadline passed or caller went away
+            raise exc
+        if isinstance(exc, ServiceError):
+            status = to_rpc_status(exc, self._domain)
+        elif isinstance(exc, Exception):
+            log.exception(kv("unhandled_error", method=self._method), exc_info=exc)
+            status = to_rpc_status(internal_error(exc), self._domain)
+        else:
+            raise exc  # KeyboardInterrupt, SystemExit
+        call.code = status.code
+        await context.abort_with_status(status)
+        raise AssertionError("abort_with_status returned")  # it raises AbortError
+
+    def _end(self, call: _Call) -> None:
+        duration_s = time.monotonic() - call.started
+        self._in_flight.dec()
+        counter = self._by_code.get(call.code)
+        if counter is None:
+            counter = self._by_code[call.code] = RPCS.labels(self._method, call.code.name)
+        counter.inc()
+        self._seconds.observe(duration_s)
+        # The access log, formatted only if emitted, as kv() would (a method
+        # name has no spaces or quotes to escape).
+        log.info(
+            "rpc method=%s code=%s duration_ms=%.1f",
+            self._method,
+            call.code.name,
+            duration_s * 1000,
+        )
+
+    def single_response(self, inner: Behaviour) -> Callable[[Any, ServicerContext], Awaitable[Any]]:
+        """For unary-unary and stream-unary handlers."""
+
+        async def behaviour(request: Any, context: ServicerContext) -> Any:
+            call = self._begin()
+            try:
+                self._admit(context)
+                _reject_undecodable(request)
+                return await inner(request, context)
+            except BaseException as exc:
+                await self._fail(call, exc, context)
+            finally:
+                self._end(call)
+
+        return behaviour
+
+    def streamed_response(self, inner: Behaviour) -> Callable[[Any, ServicerContext], Any]:
+        """For unary-stream and stream-stream handlers: an async generator, or a
+        coroutine that writes with `context.write()`."""
+
+        async def behaviour(request: Any, context: ServicerContext) -> AsyncIterator[Any]:
+            call = self._begin()
+            try:
+                self._admit(context)
+                _reject_undecodable(request)
+                responses = inner(request, context)
+                if inspect.isawaitable(responses):
+                    await responses
+                else:
+                    async for response in responses:
+                        yield response
+            except BaseException as exc:
+                await self._fail(call, exc, context)
+            finally:
+                self._end(call)
+
+        return behaviour
+
+
+def _wrap(handler: grpc.RpcMethodHandler, boundary: _MethodBoundary) -> grpc.RpcMethodHandler:
+    # Undecodable unary bodies reach the wrapper as a marker, so they are
+    # INVALID_ARGUMENT (the caller's fault) rather than grpc's INTERNAL. A
+    # streamed request is decoded message by message as the handler reads it:
+    # it keeps grpc's own deserializer.
+    serializer = handler.response_serializer
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            boundary.single_response(handler.unary_unary),
+            request_deserializer=_lenient(handler.request_deserializer),
+            response_serializer=serializer,
+        )
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            boundary.streamed_response(handler.unary_stream),
+            request_deserializer=_lenient(handler.request_deserializer),
+            response_serializer=serializer,
+        )
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(
+            boundary.single_response(handler.stream_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=serializer,
+        )
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(
+            boundary.streamed_response(handler.stream_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=serializer,
+        )
+    raise TypeError(f"a method handler without a behaviour: {handler!r}")
+
+
+class RpcBoundary(grpc.aio.ServerInterceptor):
+    """Access table, authentication, the RPC's deadline, statuses, metrics, logs.
+
+    A method that has a handler but no entry in the access table is refused
+    with UNIMPLEMENTED, checked before the credential, so that every caller
+    gets the same answer. UNIMPLEMENTED rather than PERMISSION_DENIED: no
+    credential or scope could open the method, it is not served (a handler
+    registered without an access rule is our deployment's mistake), and
+    PERMISSION_DENIED would send the caller off to ask for a scope that does
+    not exist. It is also what grpc answers for a method with no handler at
+    all, so an unlisted method is indistinguishable from a missing one.
+    """
+
+    def __init__(
+        self,
+        *,
+        domain: str,
+        tokens: Callable[[], TokenRegistry],
+        method_access: Mapping[str, MethodAccess],
+        default_deadlines_s: Mapping[str, float],
+    ) -> None:
+        """`default_deadlines_s`: the deadline applied when the caller sets none,
+        by service name (e.g. `crm.v1.CrmService`)."""
+        self._domain = domain
+        self._tokens = tokens
+        self._access = method_access
+        self._default_deadlines_s = default_deadlines_s
+        # method -> (the handler wrapped, the wrapper); rebuilt only if it changes.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler  # no such method: grpc answers UNIMPLEMENTED
+        method: str = details.method  # type: ignore[attr-defined]
+        access = self._access.get(method)
+        if access is not None and access.public:
+            return handler
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        service = method.split("/")[1] if method.count("/") == 2 else ""
+        boundary = _MethodBoundary(
+            method,
+            access,
+            self._default_deadlines_s.get(service, FALLBACK_DEFAULT_DEADLINE_S),
+            self._tokens,
+            self._domain,
+        )
+        wrapped = _wrap(handler, boundary)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from shared.auth import current_caller
 from shared.errors import DeadlineExceeded
+from shared.inbound_rpc import inbound_caller_name
 from shared.metrics import CALL_SECONDS
 
 
@@ -21,8 +21,7 @@ class CallerFilter(logging.Filter):
     """Puts the authenticated caller of the RPC being served on every record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        caller = current_caller.get()
-        record.caller = caller.name if caller is not None else "-"
+        record.caller = inbound_caller_name()
         return True
 
 

@@ -1,14 +1,16 @@
-"""Client helpers for service-to-service calls (design §3, §4).
+"""Client helpers for service-to-service calls (README, "Calling the services
+from Python"; docs/design.md, "Deadlines").
 
 `CrmClient` and `ProvisioningClient` (grpc.aio) and their blocking twins
 `CrmSyncClient` and `ProvisioningSyncClient` (grpc.Channel) make one method
 per RPC. Every call:
 
 - gets a timeout from the explicit `Deadline` if one is given, else from the
-  deadline of the inbound RPC being served (`shared.deadline.inbound_deadline`,
-  set by our server interceptor), else from the client default; an explicit
-  deadline can only shorten the inbound one, so no call outlives the RPC it
-  serves. `DOWNSTREAM_MARGIN_S` is kept back for handling the answer, and the
+  deadline of the inbound RPC being served (`shared.inbound_rpc`: the one
+  Deadline the server boundary built for it, the service's default when its
+  caller set none), else, outside any RPC, from the client default; an
+  explicit deadline can only shorten the inbound one, so no call outlives the
+  RPC it serves. `DOWNSTREAM_MARGIN_S` is kept back for handling the answer, and the
   rest is rounded down to what the grpc-timeout header carries exactly; when
   less than `MIN_BUDGET_S` would be left, DeadlineExceeded is raised and no
   call is made;
@@ -24,12 +26,13 @@ import math
 import time
 from collections.abc import Callable
 from functools import cached_property
-from typing import ClassVar, Self
+from typing import ClassVar, Generic, Self, TypeVar
 
 import grpc
 
-from shared.deadline import MIN_BUDGET_S, Deadline, inbound_deadline
+from shared.deadline import MIN_BUDGET_S, Deadline
 from shared.errors import DeadlineExceeded, FailedPrecondition
+from shared.inbound_rpc import inbound_deadline
 from shared.proto_gen.crm.v1 import crm_pb2, crm_pb2_grpc
 from shared.proto_gen.provisioning.v1 import provisioning_pb2, provisioning_pb2_grpc
 from shared.server import is_loopback
@@ -38,8 +41,8 @@ from shared.status import error_from_rpc
 # Kept back from the downstream timeout: the time this service needs to read
 # the answer and reply to its own caller before that caller gives up.
 DOWNSTREAM_MARGIN_S = 0.02
-# The deadlines each proto tells callers to set; used when a call has neither
-# an explicit nor an inbound deadline.
+# The deadlines each proto tells callers to set; used outside any RPC when a
+# call has no explicit deadline.
 CRM_DEADLINE_S = 1.0
 PROVISIONING_DEADLINE_S = 60.0
 
@@ -47,6 +50,7 @@ PIPELINE_SUMMARY = "crm.v1.CrmService/PipelineSummary"
 DEPROVISION = "provisioning.v1.ProvisioningService/Deprovision"
 
 Clock = Callable[[], float]  # must count like time.monotonic, as Deadline does
+ChannelT = TypeVar("ChannelT", grpc.aio.Channel, grpc.Channel)
 
 # grpc sends the timeout in the grpc-timeout header rounded *up* to a step
 # (grpc core, timeout_encoding.cc): (below this many seconds, step in ms);
@@ -80,51 +84,37 @@ def _check_plaintext(
         )
 
 
-class _ServiceClient:
-    """What every client shares: its credential and how long a call may take."""
+class _ServiceClient(Generic[ChannelT]):
+    """What every client shares: its channel, its credential and how long a
+    call may take. The caller keeps owning a channel it passes in; `connect`
+    opens one the client owns and closes."""
 
-    # Timeout base for a call with neither an explicit nor an inbound deadline.
+    # Timeout base outside any RPC, for a call without an explicit deadline.
     DEFAULT_DEADLINE_S: ClassVar[float]
 
-    def __init__(self, token: str, default_deadline_s: float | None, clock: Clock) -> None:
+    def __init__(
+        self,
+        channel: ChannelT,
+        token: str,
+        *,
+        default_deadline_s: float | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
         if not token:
             raise FailedPrecondition(
                 "a service client needs its service's bearer token", reason="MISSING_CLIENT_TOKEN"
             )
+        self._channel = channel
+        self._owns_channel = False
         self._metadata = (("authorization", f"Bearer {token}"),)
         self._default_deadline_s = (
             self.DEFAULT_DEADLINE_S if default_deadline_s is None else default_deadline_s
         )
         self._clock = clock
 
-    def _timeout(self, method: str, deadline: Deadline | None) -> float:
-        """Seconds `method` may take downstream (see the module docstring)."""
-        expiries = [d.expires_at for d in (deadline, inbound_deadline.get()) if d is not None]
-        remaining = min(expiries) - self._clock() if expiries else self._default_deadline_s
-        timeout = wire_timeout(remaining - DOWNSTREAM_MARGIN_S)
-        if timeout < MIN_BUDGET_S:
-            raise DeadlineExceeded(
-                f"deadline exhausted before calling {method}",
-                reason="BUDGET_EXHAUSTED",
-                metadata={"operation": method},
-            )
-        return timeout
-
-
-class _AsyncClient(_ServiceClient):
-    """A client over a grpc.aio channel; the caller keeps owning that channel."""
-
-    def __init__(
-        self,
-        channel: grpc.aio.Channel,
-        token: str,
-        *,
-        default_deadline_s: float | None = None,
-        clock: Clock = time.monotonic,
-    ) -> None:
-        super().__init__(token, default_deadline_s, clock)
-        self._channel = channel
-        self._owns_channel = False
+    @classmethod
+    def _open_channel(cls, address: str, credentials: grpc.ChannelCredentials | None) -> ChannelT:
+        raise NotImplementedError
 
     @classmethod
     def connect(
@@ -137,16 +127,39 @@ class _AsyncClient(_ServiceClient):
         default_deadline_s: float | None = None,
     ) -> Self:
         """A client on a channel of its own to `address` (plaintext only to
-        loopback unless `allow_insecure`); `close()` or `async with` closes it."""
+        loopback unless `allow_insecure`); `close()`, `with` or `async with`
+        closes it."""
         _check_plaintext(address, credentials, allow_insecure)
-        channel = (
-            grpc.aio.insecure_channel(address)
-            if credentials is None
-            else grpc.aio.secure_channel(address, credentials)
+        client = cls(
+            cls._open_channel(address, credentials), token, default_deadline_s=default_deadline_s
         )
-        client = cls(channel, token, default_deadline_s=default_deadline_s)
         client._owns_channel = True
         return client
+
+    def _timeout(self, method: str, deadline: Deadline | None) -> float:
+        """Seconds `method` may take downstream (see the module docstring)."""
+        expiries = [d.expires_at for d in (deadline, inbound_deadline()) if d is not None]
+        remaining = min(expiries) - self._clock() if expiries else self._default_deadline_s
+        timeout = wire_timeout(remaining - DOWNSTREAM_MARGIN_S)
+        if timeout < MIN_BUDGET_S:
+            raise DeadlineExceeded(
+                f"deadline exhausted before calling {method}",
+                reason="BUDGET_EXHAUSTED",
+                metadata={"operation": method},
+            )
+        return timeout
+
+
+class _AsyncClient(_ServiceClient[grpc.aio.Channel]):
+    """A client over a grpc.aio channel."""
+
+    @classmethod
+    def _open_channel(
+        cls, address: str, credentials: grpc.ChannelCredentials | None
+    ) -> grpc.aio.Channel:
+        if credentials is None:
+            return grpc.aio.insecure_channel(address)
+        return grpc.aio.secure_channel(address, credentials)
 
     async def close(self) -> None:
         if self._owns_channel:
@@ -159,44 +172,19 @@ class _AsyncClient(_ServiceClient):
         await self.close()
 
 
-class _SyncClient(_ServiceClient):
+class _SyncClient(_ServiceClient[grpc.Channel]):
     """A client over a blocking grpc.Channel, for scripts and synchronous programs.
 
     Not for grpc.aio handlers: a blocking call would stall the event loop.
     """
 
-    def __init__(
-        self,
-        channel: grpc.Channel,
-        token: str,
-        *,
-        default_deadline_s: float | None = None,
-        clock: Clock = time.monotonic,
-    ) -> None:
-        super().__init__(token, default_deadline_s, clock)
-        self._channel = channel
-        self._owns_channel = False
-
     @classmethod
-    def connect(
-        cls,
-        address: str,
-        token: str,
-        *,
-        credentials: grpc.ChannelCredentials | None = None,
-        allow_insecure: bool = False,
-        default_deadline_s: float | None = None,
-    ) -> Self:
-        """Like the async `connect`; `close()` or `with` closes the channel."""
-        _check_plaintext(address, credentials, allow_insecure)
-        channel = (
-            grpc.insecure_channel(address)
-            if credentials is None
-            else grpc.secure_channel(address, credentials)
-        )
-        client = cls(channel, token, default_deadline_s=default_deadline_s)
-        client._owns_channel = True
-        return client
+    def _open_channel(
+        cls, address: str, credentials: grpc.ChannelCredentials | None
+    ) -> grpc.Channel:
+        if credentials is None:
+            return grpc.insecure_channel(address)
+        return grpc.secure_channel(address, credentials)
 
     def close(self) -> None:
         if self._owns_channel:

@@ -1,8 +1,9 @@
 """The grpc.aio server both services run on.
 
 `create_server(listen, services, ...)` builds a server with health (which
-follows the database's reachability), reflection, auth, the error mapping and
-the access log; tests reuse it with port 0. `serve()` runs one until SIGTERM/SIGINT, then drains: health goes
+follows the database's reachability), reflection, and the server boundary
+(shared/interceptors.py: access table, auth, the RPC's deadline, the error
+mapping, metrics and the access log); tests reuse it with port 0. `serve()` runs one until SIGTERM/SIGINT, then drains: health goes
 NOT_SERVING first, then `stop(grace)` lets in-flight calls finish. Background
 work a service runs beside its server (`BackgroundTask`) starts once the
 server serves and is cancelled, and awaited, when shutdown begins.
@@ -14,7 +15,7 @@ import asyncio
 import ipaddress
 import logging
 import signal
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +23,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shared.auth import TokenRegistry
+from shared.auth import METHOD_ACCESS, MethodAccess, TokenRegistry
 from shared.database import Database
 from shared.deadline import Deadline
 from shared.errors import FailedPrecondition, ServiceError
-from shared.interceptors import AuthInterceptor, StatusInterceptor
+from shared.interceptors import RpcBoundary
 from shared.logs import kv
 from shared.tls import ServerTls
 
@@ -39,22 +40,15 @@ MAX_SEND_BYTES = 4 * 1024 * 1024
 HEALTH_PROBE_INTERVAL_S = 1.0
 HEALTH_PROBE_TIMEOUT_S = 1.0
 
-PUBLIC_METHODS = frozenset(
-    {
-        "/grpc.health.v1.Health/Check",
-        "/grpc.health.v1.Health/Watch",
-        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-    }
-)
-
 
 @dataclass(frozen=True)
 class Service:
-    """A gRPC service to host: its full name and how to add it to a server."""
+    """A gRPC service to host: its full name, how to add it to a server, and
+    the deadline its RPCs get when the caller sets none."""
 
     name: str
     register: Callable[[grpc.aio.Server], None]
+    default_deadline_s: float
 
 
 @dataclass(frozen=True)
@@ -169,7 +163,10 @@ def create_server(
     database: Database | None = None,
     tls: ServerTls | None = None,
     allow_insecure: bool = False,
+    method_access: Mapping[str, MethodAccess] = METHOD_ACCESS,
 ) -> ServerHandle:
+    """A server hosting `services`; `method_access` is the access table it
+    enforces (tests extend it for methods of their own)."""
     if tls is None and not is_loopback(listen) and not allow_insecure:
         raise FailedPrecondition(
             f"refusing plaintext gRPC on non-loopback address {listen}; "
@@ -178,8 +175,12 @@ def create_server(
         )
     server = grpc.aio.server(
         interceptors=[
-            StatusInterceptor(error_domain, PUBLIC_METHODS),
-            AuthInterceptor(tokens, PUBLIC_METHODS),
+            RpcBoundary(
+                domain=error_domain,
+                tokens=tokens,
+                method_access=method_access,
+                default_deadlines_s={s.name: s.default_deadline_s for s in services},
+            )
         ],
         options=[
             ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),

@@ -28,6 +28,7 @@ from shared.errors import (
     ServiceError,
     Unauthenticated,
     Unavailable,
+    Unimplemented,
 )
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ _CODES: dict[type[ServiceError], int] = {
     Aborted: code_pb2.ABORTED,
     DeadlineExceeded: code_pb2.DEADLINE_EXCEEDED,
     Unavailable: code_pb2.UNAVAILABLE,
+    Unimplemented: code_pb2.UNIMPLEMENTED,
     Internal: code_pb2.INTERNAL,
 }
 

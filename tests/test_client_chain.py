@@ -1,9 +1,9 @@
 """CrmClient between real servers: caller -> chain service -> CRM -> PostgreSQL.
 
 The chain service is a generic handler (bytes in, bytes out: no proto) hosted
-by `create_server`, so our interceptors record its inbound deadline; its
-handler calls the CRM service through `CrmClient` without an explicit
-deadline. The CRM server is the real servicer, noting what `time_remaining()`
+by `create_server`, so the server boundary builds its RPC's deadline (the
+caller's, else the chain service's default); its handler calls the CRM
+service through `CrmClient` without an explicit deadline. The CRM server is the real servicer, noting what `time_remaining()`
 each call arrives with; a client interceptor notes the timeout CrmClient sends.
 """
 
@@ -23,10 +23,11 @@ from grpc.aio import ServicerContext
 from crm_svc.servicer import ERROR_DOMAIN as CRM_ERROR_DOMAIN
 from crm_svc.servicer import SERVICE_NAME as CRM_SERVICE_NAME
 from crm_svc.servicer import CrmServicer
-from shared.auth import TokenRegistry, current_caller
+from shared.auth import METHOD_ACCESS, SCOPE_PIPELINE_READ, TokenRegistry, requires
 from shared.database.postgres import PostgresDatabase
 from shared.deadline import MIN_BUDGET_S
 from shared.errors import DeadlineExceeded, InvalidArgument, PermissionDenied, ServiceError
+from shared.inbound_rpc import inbound_rpc
 from shared.proto_gen.crm.v1 import crm_pb2, crm_pb2_grpc
 from shared.rpc_clients import DOWNSTREAM_MARGIN_S, WIRE_HEADROOM_S, CrmClient
 from shared.server import ServerHandle, Service, create_server
@@ -36,6 +37,8 @@ from tests.rpc import bearer
 
 CHAIN_SERVICE = "chain.v1.Chain"
 CHAIN_METHOD = f"/{CHAIN_SERVICE}/Summarize"
+# The chain service's own default deadline: neither CrmClient's (1 s) nor the CRM's (10 s).
+CHAIN_DEFAULT_DEADLINE_S = 3.0
 # Slack for scheduling on a busy machine; the claims are about the margin, not speed.
 SLACK_S = 0.25
 # A server's time_remaining() can read up to ~1 ms high: grpc rounds the deadline
@@ -56,14 +59,13 @@ class RecordingCrmServicer(CrmServicer):
     """The real CRM servicer, noting how much time each call arrives with."""
 
     def __init__(self, db: PostgresDatabase, calls: list[CrmCall]) -> None:
-        super().__init__(db, default_deadline_s=10.0)
+        super().__init__(db)
         self.calls = calls
 
     async def PipelineSummary(
         self, request: crm_pb2.PipelineSummaryRequest, context: ServicerContext
     ) -> crm_pb2.PipelineSummaryResponse:
-        caller = current_caller.get()
-        self.calls.append(CrmCall(context.time_remaining(), caller.name if caller else None))
+        self.calls.append(CrmCall(context.time_remaining(), inbound_rpc().caller.name))
         return await super().PipelineSummary(request, context)
 
 
@@ -89,6 +91,8 @@ class Chain:
     outbound: OutboundTimeouts
     crm_calls: list[CrmCall]
     inbound: list[float | None] = field(default_factory=list)
+    # What the chain handler found left of its RPC's Deadline, as it started.
+    deadline_left: list[float] = field(default_factory=list)
     errors: list[ServiceError] = field(default_factory=list)
     # When set, the chain service spends its deadline until this much is left.
     leave_s: float | None = None
@@ -103,7 +107,13 @@ class Chain:
 
 
 async def _start(service: Service, tokens: TokenRegistry, domain: str) -> ServerHandle:
-    handle = create_server("127.0.0.1:0", [service], tokens=lambda: tokens, error_domain=domain)
+    handle = create_server(
+        "127.0.0.1:0",
+        [service],
+        tokens=lambda: tokens,
+        error_domain=domain,
+        method_access={**METHOD_ACCESS, CHAIN_METHOD: requires(SCOPE_PIPELINE_READ)},
+    )
     await handle.start()
     return handle
 
@@ -116,6 +126,7 @@ async def chain(database: PostgresDatabase, tokens: TokenRegistry) -> AsyncItera
         Service(
             CRM_SERVICE_NAME,
             lambda server: crm_pb2_grpc.add_CrmServiceServicer_to_server(servicer, server),
+            default_deadline_s=10.0,
         ),
         tokens,
         CRM_ERROR_DOMAIN,
@@ -128,6 +139,7 @@ async def chain(database: PostgresDatabase, tokens: TokenRegistry) -> AsyncItera
     async def summarize(request: bytes, context: ServicerContext) -> bytes:
         remaining = context.time_remaining()
         state.inbound.append(remaining)
+        state.deadline_left.append(inbound_rpc().deadline.remaining())
         if state.leave_s is not None and remaining is not None:
             # Blocking on purpose: no await, so grpc cannot cancel this handler
             # before CrmClient has looked at the deadline, however late we wake.
@@ -143,7 +155,11 @@ async def chain(database: PostgresDatabase, tokens: TokenRegistry) -> AsyncItera
         CHAIN_SERVICE, {"Summarize": grpc.unary_unary_rpc_method_handler(summarize)}
     )
     front = await _start(
-        Service(CHAIN_SERVICE, lambda server: server.add_generic_rpc_handlers((handler,))),
+        Service(
+            CHAIN_SERVICE,
+            lambda server: server.add_generic_rpc_handlers((handler,)),
+            default_deadline_s=CHAIN_DEFAULT_DEADLINE_S,
+        ),
         tokens,
         "chain.test",
     )
@@ -188,17 +204,23 @@ async def test_downstream_timeout_shrinks_with_the_inbound_deadline(
     assert seen_by_crm[0] - seen_by_crm[1] > 1.5 - SLACK_S
 
 
-async def test_a_caller_without_deadline_gets_the_client_default_downstream(
+async def test_a_caller_without_deadline_still_passes_a_bounded_budget_downstream(
     chain: Chain, tenant: str
 ) -> None:
     reply = await chain.summarize(tenant, deadline_s=None)
     assert reply.tenant_id == tenant
-    assert chain.inbound == [None]
-    # CrmClient's default (1 s), less the margin and the wire headroom.
-    assert chain.outbound.timeouts == [pytest.approx(0.978, abs=1e-9)]
+    assert chain.inbound == [None]  # grpc: no deadline at all
+    # The boundary gave the RPC the chain service's default ...
+    (left,) = chain.deadline_left
+    assert CHAIN_DEFAULT_DEADLINE_S - SLACK_S < left <= CHAIN_DEFAULT_DEADLINE_S
+    # ... and CrmClient passed on what was left of that one Deadline (not its own
+    # 1 s default, and not unbounded), less the margin.
+    (sent,) = chain.outbound.timeouts
+    assert sent is not None
+    assert left - DOWNSTREAM_MARGIN_S - SLACK_S < sent <= left - DOWNSTREAM_MARGIN_S
     crm_remaining = chain.crm_calls[0].time_remaining
     assert crm_remaining is not None
-    assert 0.978 - SLACK_S < crm_remaining < 0.978 + CLOCK_FUZZ_S
+    assert sent - SLACK_S < crm_remaining < sent + CLOCK_FUZZ_S
 
 
 async def test_an_almost_spent_deadline_fails_without_calling_crm(

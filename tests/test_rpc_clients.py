@@ -28,7 +28,8 @@ from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 
-from shared.deadline import MIN_BUDGET_S, Deadline, inbound_deadline
+from shared.auth import Caller
+from shared.deadline import MIN_BUDGET_S, Deadline
 from shared.errors import (
     Aborted,
     DeadlineExceeded,
@@ -40,7 +41,9 @@ from shared.errors import (
     ServiceError,
     Unauthenticated,
     Unavailable,
+    Unimplemented,
 )
+from shared.inbound_rpc import INBOUND_RPC, InboundRpc
 from shared.proto_gen.crm.v1 import crm_pb2
 from shared.proto_gen.provisioning.v1 import provisioning_pb2
 from shared.rpc_clients import (
@@ -62,6 +65,8 @@ TOKEN = "calling-service-token-0123456789"
 REQUEST_ID = "6f1c2f0e-8a4b-4d5e-9f60-1a2b3c4d5e6f"
 DOMAIN = "crm.travel-agency.internal"
 START = 1_000.0  # fake time at the start of each test
+# The caller of the inbound RPC a helper call is made in (its scopes do not matter here).
+SERVING_CALLER = Caller("serving-test", frozenset(), None)
 GIVE_UP_S = 5.0  # real time a test waits for a call or an answer
 
 
@@ -216,12 +221,13 @@ class FakeService:
 
 @contextmanager
 def serving(deadline: Deadline | None) -> Iterator[None]:
-    """As if inside an RPC whose caller set `deadline`."""
-    token = inbound_deadline.set(deadline)
+    """As if inside an RPC admitted with `deadline` (None: outside any RPC)."""
+    rpc = None if deadline is None else InboundRpc("/test/Method", SERVING_CALLER, deadline)
+    token = INBOUND_RPC.set(rpc)
     try:
         yield
     finally:
-        inbound_deadline.reset(token)
+        INBOUND_RPC.reset(token)
 
 
 @pytest.fixture(params=KINDS, ids=str)
@@ -379,9 +385,10 @@ PLAIN_CODES: list[tuple[grpc.StatusCode, type[ServiceError]]] = [
     (grpc.StatusCode.DEADLINE_EXCEEDED, DeadlineExceeded),
     (grpc.StatusCode.UNAVAILABLE, Unavailable),
     (grpc.StatusCode.INTERNAL, Internal),
+    # A method the server does not have, or does not open to callers.
+    (grpc.StatusCode.UNIMPLEMENTED, Unimplemented),
     # Codes our services never send.
     (grpc.StatusCode.UNKNOWN, Internal),
-    (grpc.StatusCode.UNIMPLEMENTED, Internal),
     (grpc.StatusCode.RESOURCE_EXHAUSTED, Internal),
     (grpc.StatusCode.CANCELLED, Internal),
 ]

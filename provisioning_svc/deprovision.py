@@ -1,4 +1,4 @@
-"""Deprovisioning a tenant (design §7, issue 3): complete, safe and resumable.
+"""Deprovisioning a tenant (README, "Deprovisioning"): complete, safe and resumable.
 
 A real run works on the tenant's one open job in `deprovision_jobs`:
 
@@ -14,11 +14,15 @@ Each step is recorded as it finishes and skipped when a later call resumes the
 job. The call holding the job's lease (until its deadline) is the only one
 that may change it; a second concurrent call gets ABORTED. Every step checks
 the remaining budget before it starts; some of the deadline is kept back so
-that a failure can still be recorded (and the lease released) in time.
+that a failure can still be recorded (and the lease released) in time. A call
+that is cancelled (its caller cancelled or went away) records that in a
+short, shielded call, so its lease does not outlive it and a retry can start
+at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import time
@@ -63,6 +67,8 @@ PLAN_CAP_S = 30.0
 RESERVE_SHARE = 0.1
 RESERVE_MIN_S = 0.1
 RESERVE_MAX_S = 0.3
+# A cancelled call records the cancellation (releasing the lease) within this long.
+CANCELLED_RECORD_S = 1.0
 # Least budget worth starting a step with.
 STEP_MIN_S = {
     "SENDGRID_SUBUSER": 0.2,
@@ -322,7 +328,9 @@ class Deprovisioner:
                 if not job.finished(step):
                     job = await run(job, owner, work)
         except ServiceError as error:
-            job = await self._record_failure(job, owner, step, error, deadline)
+            job = await self._record_failure(
+                job, owner, step, error.reason, _failure_detail(error), deadline
+            )
             if job.state is JobState.COMPLETED:
                 # The last call timed out on our side but committed on the database's
                 # (PostgREST does not cancel abandoned queries): the tenant is gone.
@@ -333,25 +341,64 @@ class Deprovisioner:
             error.metadata["step"] = step.value
             error.details.append(job.result())
             raise
+        except asyncio.CancelledError:
+            await self._record_cancellation(job, owner, step)
+            raise
         except Exception as exc:
-            await self._record_failure(job, owner, step, internal_error(exc), deadline)
+            error = internal_error(exc)
+            await self._record_failure(
+                job, owner, step, error.reason, _failure_detail(error), deadline
+            )
             raise
         log.info(kv("deprovision_completed", tenant_id=job.tenant_id, job_id=job.id))
         return job.result()
 
+    async def _record_cancellation(self, job: Job, owner: str, step: Step) -> None:
+        """Record that this call was cancelled at `step`, releasing its lease.
+
+        The call's own deadline no longer matters: the record gets a short
+        budget of its own, and this waits for it no longer than that.
+        """
+        try:
+            async with asyncio.timeout(CANCELLED_RECORD_S):
+                await self._record_failure(
+                    job,
+                    owner,
+                    step,
+                    "CANCELLED",
+                    "CANCELLED: the call was cancelled before this step finished",
+                    Deadline.after(CANCELLED_RECORD_S),
+                )
+        except (TimeoutError, asyncio.CancelledError):
+            # Cancelled again, or too slow: the record goes on in the background
+            # within its budget, and the lease expires at the deadline at the latest.
+            log.warning(kv("deprovision_cancellation_not_recorded", job_id=job.id))
+
     async def _record_failure(
-        self, job: Job, owner: str, step: Step, error: ServiceError, deadline: Deadline
+        self, job: Job, owner: str, step: Step, reason: str, detail: str, deadline: Deadline
     ) -> Job:
-        detail = _failure_detail(error)
+        """Mark `step` and the job FAILED and release the lease (`deprovision_fail`).
+
+        Shielded: cancelling the call that awaits it (the caller went away
+        meanwhile) must not cancel the record, which is bounded by `deadline`.
+        """
         log.warning(
             kv(
                 "deprovision_step_failed",
                 tenant_id=job.tenant_id,
                 job_id=job.id,
                 step=step.value,
-                reason=error.reason,
+                reason=reason,
             )
         )
+        recording = asyncio.ensure_future(
+            self._call_deprovision_fail(job, owner, step, reason, detail, deadline)
+        )
+        return await asyncio.shield(recording)
+
+    async def _call_deprovision_fail(
+        self, job: Job, owner: str, step: Step, reason: str, detail: str, deadline: Deadline
+    ) -> Job:
         try:
             document = await self._db.call(
                 "deprovision_fail",
@@ -359,7 +406,7 @@ class Deprovisioner:
                     "p_job_id": job.id,
                     "p_lease_owner": owner,
                     "p_step": step.value,
-                    "p_reason": error.reason,
+                    "p_reason": reason,
                     "p_detail": detail,
                 },
                 deadline,

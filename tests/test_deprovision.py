@@ -19,6 +19,7 @@ from shared.errors import Unavailable
 from shared.proto_gen.crm.v1 import crm_pb2, crm_pb2_grpc
 from shared.proto_gen.provisioning.v1 import provisioning_pb2 as pb
 from shared.rpc_clients import ProvisioningClient
+from tests import polling
 from tests.conftest import (
     LIMITED_TENANT,
     TOKEN_ADMIN,
@@ -427,6 +428,51 @@ async def test_two_simultaneous_calls_one_proceeds_the_other_is_aborted(
     ).fetchone() or (None,)
     assert requests == 1
     assert len(provisioning.sendgrid.deletes()) == 1
+    assert remaining_rows(sql, tenant) == {}
+
+
+def lease_of(sql: psycopg.Connection[Any], tenant: str) -> tuple[Any, ...]:
+    """The tenant's open job: (state, error, lease_owner, lease seconds left)."""
+    row = sql.execute(
+        "SELECT state, error, lease_owner,"
+        " extract(epoch FROM lease_expires_at - clock_timestamp())::float8"
+        " FROM deprovision_jobs WHERE tenant_id = %s AND state <> 'COMPLETED'",
+        (tenant,),
+    ).fetchone()
+    assert row is not None, "no open job"
+    return tuple(row)
+
+
+async def test_a_cancelled_call_releases_its_lease_and_a_retry_proceeds(
+    provisioning: Provisioning, sql: psycopg.Connection[Any]
+) -> None:
+    tenant = unique_tenant("cancel")
+    seed_tenant(sql, tenant, sendgrid_username="cancel-mail")
+    provisioning.sendgrid.subusers.add("cancel-mail")
+    # SendGrid hangs, so the first call is inside its SENDGRID_SUBUSER step when cancelled.
+    provisioning.sendgrid.script(FakeReply(204, delay_s=20.0))
+    first = provisioning.stub.Deprovision(
+        pb.DeprovisionRequest(tenant_id=tenant, request_id=str(uuid.uuid4())),
+        metadata=bearer(TOKEN_ADMIN),
+        timeout=30.0,
+    )
+    await polling.wait_until(
+        lambda: provisioning.sendgrid.deletes(), "the first call reached SendGrid", 10.0
+    )
+    state, _, owner, lease_left_s = lease_of(sql, tenant)
+    assert state == "RUNNING" and owner is not None and lease_left_s > 20.0
+
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await polling.wait_until(
+        lambda: lease_of(sql, tenant)[2] is None, "the cancelled call's lease released", 3.0
+    )
+    assert lease_of(sql, tenant)[:2] == ("FAILED", "CANCELLED")
+
+    retry = await provisioning.deprovision(tenant, request_id=str(uuid.uuid4()))
+    assert retry.state == pb.JOB_STATE_COMPLETED
+    assert retry.job_id == str(jobs_of(sql, tenant)[0][0])  # the same job, resumed
     assert remaining_rows(sql, tenant) == {}
 
 

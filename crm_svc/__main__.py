@@ -17,7 +17,7 @@ from crm_svc import verify
 from crm_svc.compaction import run_compactor
 from crm_svc.servicer import ERROR_DOMAIN, crm_service
 from shared.database import Database
-from shared.database.connect import open_database
+from shared.database.connect import open_database, transport_description
 from shared.entrypoint import main, run_service
 from shared.errors import ServiceError
 from shared.logs import configure_logging, kv
@@ -58,9 +58,18 @@ async def serve_crm(settings: Settings) -> None:
     )
 
 
+def say(message: str) -> None:
+    """A note for the operator on stderr; stdout carries the report only."""
+    print(f"crm_svc verify: {message}", file=sys.stderr, flush=True)
+
+
 async def verify_main(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
+    say(f"transport: {transport_description(settings)}")
     db = await open_database(settings, application_name="crm_svc_verify")
+    note = verify.call_cap_note(db, args.timeout_s)
+    if note is not None:
+        say(note)
     try:
         return await verify.verify(
             db,

@@ -9,6 +9,12 @@ summary yet), each tenant in one database snapshot so that concurrent writes
 never show up as drift. With `--repair` a drifting tenant is rebuilt online and
 checked again.
 
+On the Supabase REST transport no call runs longer than the API role's
+statement_timeout (`Database.max_call_s`, 10 s), whatever `--timeout-s`
+says: tenants are still checked one by one, each within that cap, and a
+tenant whose check does not fit is reported as an error that says to check
+it over DATABASE_URL (the database's direct connection) instead.
+
 Exit status: 0 no drift, 1 drift found (repaired or not), 2 the check could not run.
 """
 
@@ -21,7 +27,7 @@ from typing import Any
 
 from shared.database import Database
 from shared.deadline import Deadline
-from shared.errors import ServiceError
+from shared.errors import DeadlineExceeded, ServiceError
 from shared.tenants import parse_tenant_id
 
 EXIT_OK = 0
@@ -127,6 +133,24 @@ def describe(check: TenantCheck) -> list[str]:
     return lines
 
 
+def call_cap_note(db: Database, timeout_s: float) -> str | None:
+    """What an operator must know when the transport cuts calls short of `timeout_s`."""
+    if db.max_call_s is None or db.max_call_s >= timeout_s:
+        return None
+    return (
+        f"the {db.name} transport runs one call for {db.max_call_s:g} s at most (the API role's"
+        " statement_timeout), so each tenant's check and repair must fit in that; set"
+        " DATABASE_URL (the direct connection) to check larger tenants"
+    )
+
+
+def error_line(db: Database, tenant: str, error: ServiceError, timeout_s: float) -> str:
+    line = f"{tenant}: error ({error.reason}): {error.message}"
+    if isinstance(error, DeadlineExceeded) and (note := call_cap_note(db, timeout_s)):
+        line += f"; not checked: {note}"
+    return line
+
+
 async def verify(
     db: Database,
     *,
@@ -164,7 +188,7 @@ async def verify(
             skipped += not check.checked
         except ServiceError as exc:
             # A tenant deleted meanwhile, a timeout: report it and go on with the others.
-            emit(f"{tenant}: error ({exc.reason}): {exc.message}")
+            emit(error_line(db, tenant, exc, timeout_s))
             errors += 1
 
     checked = len(tenants) - skipped - errors

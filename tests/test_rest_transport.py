@@ -12,6 +12,7 @@ import pytest
 
 from devkit import postgrest_standin
 from devkit.postgrest_standin import PostgrestStandin
+from shared.database import rest as rest_transport
 from shared.database.rest import BUDGET_HEADER, SupabaseRestDatabase
 from shared.deadline import Deadline
 from shared.errors import DeadlineExceeded, Internal, NotFound, Unavailable
@@ -190,3 +191,44 @@ async def test_budget_header_bounds_the_query_even_when_postgrest_would_not(
     finally:
         await holder.rollback()
         await holder.close()
+
+
+async def test_the_http_timeout_comes_from_each_calls_budget(
+    standin: PostgrestStandin, sql: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sql.execute(
+        "CREATE OR REPLACE FUNCTION test_pause(p_seconds float8) RETURNS jsonb LANGUAGE sql"
+        " AS $$ SELECT to_jsonb(p_seconds) FROM pg_sleep(p_seconds) $$"
+    )
+    sql.execute("GRANT EXECUTE ON FUNCTION test_pause(float8) TO service_role")
+    # A client-wide timeout far below the call's budget: only a request without
+    # a budget of its own would be held to it.
+    monkeypatch.setattr(rest_transport, "CLIENT_TIMEOUT_S", 0.2)
+    db = SupabaseRestDatabase(standin.url, standin.token("service_role"))
+    await db.open()
+    try:
+        started = time.monotonic()
+        assert await db.call("test_pause", {"p_seconds": 0.6}, Deadline.after(3.0)) == 0.6
+        assert time.monotonic() - started >= 0.6
+        # And a budget shorter than the work still ends the call at the budget.
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            await db.call("test_pause", {"p_seconds": 2.0}, Deadline.after(0.4))
+        assert time.monotonic() - started < 0.6
+    finally:
+        await db.close()
+
+
+async def test_no_call_is_given_more_than_the_roles_statement_timeout(
+    standin: PostgrestStandin,
+) -> None:
+    db = SupabaseRestDatabase(standin.url, standin.token("service_role"))
+    await db.open()
+    try:
+        before = len(standin.requests)
+        await db.call("pipeline_verify_tenants", {}, Deadline.after(60.0), cap_s=60.0)
+        (request,) = standin.requests[before:]
+        sent_ms = int(request["headers"][BUDGET_HEADER.lower()])
+        assert 9000 < sent_ms <= db.max_call_s * 1000 == 10_000
+    finally:
+        await db.close()

@@ -1,4 +1,4 @@
-"""The timeout-guarded Supabase adapter (design §3, §5).
+"""The timeout-guarded Supabase adapter (docs/design.md, "Deadlines" and "Pooling").
 
 All data access is a call of one SQL function that returns one jsonb value.
 Two transports implement `Database`: `PostgresDatabase` (psycopg, direct) and
@@ -19,6 +19,9 @@ DEFAULT_CALL_CAP_S = 10.0
 
 class Database(Protocol):
     name: str
+    # The longest one call can run on this transport whatever its budget
+    # (REST: the API role's statement_timeout); None: only the budget bounds it.
+    max_call_s: float | None
 
     async def call(
         self,

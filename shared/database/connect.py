@@ -1,8 +1,9 @@
-"""Choose and open the transport the settings name (design §8)."""
+"""Choose and open the transport the settings name (README, "Configuration")."""
 
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import urlsplit
 
 from shared.database import Database
 from shared.database.embedded import start_embedded
@@ -10,6 +11,17 @@ from shared.database.migrations import apply_migrations
 from shared.database.postgres import PostgresDatabase
 from shared.database.rest import SupabaseRestDatabase
 from shared.settings import Settings
+
+
+def transport_description(settings: Settings) -> str:
+    """Which transport `open_database` picks for `settings`, for operators (no secrets)."""
+    if settings.database_url:
+        parts = urlsplit(settings.database_url)
+        where = f"{parts.hostname}:{parts.port or 5432}" if parts.hostname else "a local socket"
+        return f"direct PostgreSQL (DATABASE_URL: {where}{parts.path})"
+    if settings.uses_supabase:
+        return f"Supabase REST (SUPABASE_URL: {settings.supabase_url})"
+    return f"embedded PostgreSQL (under {settings.data_dir / 'postgres'})"
 
 
 async def open_database(settings: Settings, *, application_name: str) -> Database:

@@ -143,6 +143,7 @@ def _call_query(function: str, names: tuple[str, ...]) -> str:
 
 class PostgresDatabase:
     name = "postgres"
+    max_call_s: float | None = None
 
     def __init__(
         self,

@@ -1,14 +1,18 @@
 """Supabase REST transport: supabase-py `AsyncClient`, PostgREST RPC.
 
 Calls the same SQL functions as the direct transport, through `.rpc()`.
-Bounded three ways, all from the caller's budget: `asyncio.timeout` around the
-HTTP call (which closes the connection on expiry); an `httpx.Timeout` object
-on the client (postgrest-py truncates plain numbers with int()); and, because
-PostgREST does not cancel a query when its client goes away, the budget as the
-`X-Statement-Timeout-Ms` header, which the `apply_request_timeout()`
-pre-request function (migration 0004) turns into a transaction-local
-statement_timeout. The client's own retries are off: a retry's sleep could
-outlive the budget, and retrying is the caller's decision.
+Bounded three ways, all from each call's budget: `asyncio.timeout` around the
+HTTP call (which closes the connection on expiry); the request's own
+`httpx.Timeout` (set from the budget header by a request hook: postgrest-py
+offers no per-request timeout, and truncates plain numbers with int()); and,
+because PostgREST does not cancel a query when its client goes away, the
+budget as the `X-Statement-Timeout-Ms` header, which the
+`apply_request_timeout()` pre-request function (migration 0004) turns into a
+transaction-local statement_timeout. The client's own retries are off: a
+retry's sleep could outlive the budget, and retrying is the caller's decision.
+
+No call can run longer than service_role's own statement_timeout, which
+PostgREST applies and a header can only shorten (`max_call_s`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,11 @@ log = logging.getLogger(__name__)
 
 BUDGET_HEADER = "X-Statement-Timeout-Ms"
 CONNECT_TIMEOUT_S = 3.0
+# For a request that carries no budget header (none of ours: calls carry one,
+# the ping passes its own timeout).
+CLIENT_TIMEOUT_S = DEFAULT_CALL_CAP_S
+# service_role's statement_timeout (migration 0005_api_roles.sql).
+SERVICE_ROLE_STATEMENT_TIMEOUT_S = 10.0
 _SQLSTATE = re.compile(r"[0-9A-Z]{5}")
 # Gateway answers without a PostgREST body (bad gateway, unavailable, timeout).
 _GATEWAY_STATUSES = {"502", "503", "504", "520", "544"}
@@ -53,18 +62,44 @@ def error_from_api(error: APIError, operation: str) -> ServiceError:
     )
 
 
+def _http_timeout(seconds: float) -> httpx.Timeout:
+    return httpx.Timeout(seconds, connect=min(CONNECT_TIMEOUT_S, seconds))
+
+
+async def _timeout_from_budget(request: httpx.Request) -> None:
+    """An httpx request hook: a call's request times out with its budget."""
+    budget_ms = request.headers.get(BUDGET_HEADER)
+    if budget_ms is not None:
+        request.extensions["timeout"] = _http_timeout(int(budget_ms) / 1000).as_dict()
+
+
 class SupabaseRestDatabase:
     name = "supabase-rest"
 
-    def __init__(self, url: str, service_role_key: str, *, slow_call_ms: int = 3000) -> None:
+    def __init__(
+        self,
+        url: str,
+        service_role_key: str,
+        *,
+        slow_call_ms: int = 3000,
+        max_call_s: float = SERVICE_ROLE_STATEMENT_TIMEOUT_S,
+    ) -> None:
+        """`max_call_s`: the longest a call can run, whatever its budget: the
+        statement_timeout PostgREST applies for service_role."""
         self._url = url
         self._key = service_role_key
         self._slow_call_ms = slow_call_ms
+        self._max_call_s = max_call_s
         self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(DEFAULT_CALL_CAP_S, connect=CONNECT_TIMEOUT_S),
+            timeout=_http_timeout(CLIENT_TIMEOUT_S),
             follow_redirects=False,
+            event_hooks={"request": [_timeout_from_budget]},
         )
         self._client: AsyncClient | None = None
+
+    @property
+    def max_call_s(self) -> float:
+        return self._max_call_s
 
     async def open(self) -> None:
         self._client = await acreate_client(
@@ -86,7 +121,9 @@ class SupabaseRestDatabase:
         try:
             async with asyncio.timeout(budget):
                 response = await self._http.get(
-                    f"{self._url.rstrip('/')}/rest/v1/", headers={"apikey": self._key}
+                    f"{self._url.rstrip('/')}/rest/v1/",
+                    headers={"apikey": self._key},
+                    timeout=_http_timeout(budget),
                 )
         except (TimeoutError, httpx.TimeoutException):
             raise DeadlineExceeded("database API ping timed out", reason="DB_TIMEOUT") from None
@@ -106,7 +143,7 @@ class SupabaseRestDatabase:
     ) -> Any:
         if self._client is None:
             raise Internal("REST transport used before open()", reason="NOT_OPEN")
-        budget = deadline.budget(cap_s, function)
+        budget = deadline.budget(min(cap_s, self._max_call_s), function)
         with timed_call(
             log,
             function,

@@ -105,6 +105,7 @@ class ServerHandle:
     health: health.aio.HealthServicer
     service_names: tuple[str, ...]
     database: Database | None = None
+    health_probe_interval_s: float = HEALTH_PROBE_INTERVAL_S
     _watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -129,19 +130,34 @@ class ServerHandle:
             await self.health.set(name, status)
 
     async def _watch_database(self, database: Database) -> None:
-        """Health says NOT_SERVING while the database cannot be reached."""
+        """Health says NOT_SERVING while the database cannot be reached.
+
+        Only cancellation (shutdown) ends the watch: whatever else goes wrong in
+        a round is logged, and the next round comes as usual.
+        """
         serving = True
         while True:
-            await asyncio.sleep(HEALTH_PROBE_INTERVAL_S)
+            await asyncio.sleep(self.health_probe_interval_s)
             try:
-                await database.ping(Deadline.after(HEALTH_PROBE_TIMEOUT_S))
-                reachable = True
-            except ServiceError:
-                reachable = False
-            if reachable != serving:
-                serving = reachable
-                log.warning(kv("database_health", reachable=reachable))
-                await self._set_health(serving=serving)
+                reachable = await _reachable(database)
+                if reachable != serving:
+                    log.warning(kv("database_health", reachable=reachable))
+                    await self._set_health(serving=reachable)
+                    serving = reachable
+            except Exception:
+                log.exception(kv("health_watch_round_failed"))
+
+
+async def _reachable(database: Database) -> bool:
+    """One probe; a failure we do not expect counts as unreachable, and is logged."""
+    try:
+        await database.ping(Deadline.after(HEALTH_PROBE_TIMEOUT_S))
+    except ServiceError:
+        return False
+    except Exception:
+        log.exception(kv("health_probe_failed", database=database.name))
+        return False
+    return True
 
 
 def is_loopback(listen: str) -> bool:
@@ -164,9 +180,12 @@ def create_server(
     tls: ServerTls | None = None,
     allow_insecure: bool = False,
     method_access: Mapping[str, MethodAccess] = METHOD_ACCESS,
+    health_probe_interval_s: float = HEALTH_PROBE_INTERVAL_S,
 ) -> ServerHandle:
     """A server hosting `services`; `method_access` is the access table it
-    enforces (tests extend it for methods of their own)."""
+    enforces (tests extend it for methods of their own). With a `database`,
+    health follows whether it can be reached, probed every
+    `health_probe_interval_s`."""
     if tls is None and not is_loopback(listen) and not allow_insecure:
         raise FailedPrecondition(
             f"refusing plaintext gRPC on non-loopback address {listen}; "
@@ -203,7 +222,7 @@ def create_server(
     )
     if port == 0:
         raise FailedPrecondition(f"cannot listen on {listen}", reason="LISTEN_FAILED")
-    return ServerHandle(server, port, health_servicer, names, database)
+    return ServerHandle(server, port, health_servicer, names, database, health_probe_interval_s)
 
 
 async def serve(

@@ -21,7 +21,7 @@ from shared.logs import configure_logging
 # CI); it falls back to /tmp, which is fine here.
 warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
 
-# name -> module; later issues add theirs here.
+# name -> module; a new benchmark adds its own line.
 BENCHMARKS: dict[str, str] = {
     "pipeline": "bench.pipeline_summary",
     "overshoot": "bench.deadline_overshoot",

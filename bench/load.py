@@ -86,7 +86,7 @@ FLOOR_CHANNELS = 4
 FLOOR_RPS_GOAL = 0.8  # crm_svc's requests/s at 64 callers, as a share of the floor's
 FLOOR_P50_GOAL_MS = 1.0  # crm_svc's p50 at 1 caller, above the floor's
 MIB = 1024 * 1024
-# What a call gets while the database cannot be reached (design §4).
+# What a call gets while the database cannot be reached (docs/design.md, "Errors").
 OUTAGE_CODE = "UNAVAILABLE"
 
 

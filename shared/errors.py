@@ -1,4 +1,4 @@
-"""The typed errors that cross layers (design §4).
+"""The typed errors that cross layers (docs/design.md, "Errors").
 
 Domain code and transports raise these; `shared.status` turns them into gRPC
 statuses in one place. They know nothing of gRPC. `reason` becomes the

@@ -1,4 +1,4 @@
-"""Configuration from the environment (design §8), with safe defaults."""
+"""Configuration from the environment (README, "Configuration"), with safe defaults."""
 
 from __future__ import annotations
 

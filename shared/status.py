@@ -1,4 +1,5 @@
-"""The one mapping between typed errors and gRPC statuses (design §4, AIP-193).
+"""The one mapping between typed errors and gRPC statuses (docs/design.md, "Errors";
+Google AIP-193).
 
 Every non-OK status carries a google.rpc.Status with an ErrorInfo; invalid
 arguments add a BadRequest, retryable failures a RetryInfo. `error_from_rpc`

@@ -6,7 +6,8 @@ import re
 
 from shared.errors import InvalidArgument
 
-# design §5; fullmatch, so a trailing newline does not slip through as `$` would allow.
+# Slugs, as tenant ids are everywhere; fullmatch, so a trailing newline does not slip
+# through as `$` would allow.
 TENANT_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
 

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import cached_property
 from typing import ClassVar, Generic, Self, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from shared.deadline import MIN_BUDGET_S, Deadline
 from shared.errors import DeadlineExceeded, FailedPrecondition
@@ -51,6 +52,7 @@ DEPROVISION = "provisioning.v1.ProvisioningService/Deprovision"
 
 Clock = Callable[[], float]  # must count like time.monotonic, as Deadline does
 ChannelT = TypeVar("ChannelT", grpc.aio.Channel, grpc.Channel)
+Response = TypeVar("Response", bound=Message)
 
 # grpc sends the timeout in the grpc-timeout header rounded *up* to a step
 # (grpc core, timeout_encoding.cc): (below this many seconds, step in ms);
@@ -161,6 +163,20 @@ class _AsyncClient(_ServiceClient[grpc.aio.Channel]):
             return grpc.aio.insecure_channel(address)
         return grpc.aio.secure_channel(address, credentials)
 
+    async def _invoke(
+        self,
+        method: str,
+        rpc: Callable[..., Awaitable[Response]],
+        request: Message,
+        deadline: Deadline | None,
+    ) -> Response:
+        """Call `rpc` with the timeout and credential; failures as typed errors."""
+        timeout = self._timeout(method, deadline)
+        try:
+            return await rpc(request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as failure:
+            raise error_from_rpc(failure) from failure
+
     async def close(self) -> None:
         if self._owns_channel:
             await self._channel.close()
@@ -185,6 +201,20 @@ class _SyncClient(_ServiceClient[grpc.Channel]):
         if credentials is None:
             return grpc.insecure_channel(address)
         return grpc.secure_channel(address, credentials)
+
+    def _invoke(
+        self,
+        method: str,
+        rpc: Callable[..., Response],
+        request: Message,
+        deadline: Deadline | None,
+    ) -> Response:
+        """Call `rpc` with the timeout and credential; failures as typed errors."""
+        timeout = self._timeout(method, deadline)
+        try:
+            return rpc(request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as failure:
+            raise error_from_rpc(failure) from failure
 
     def close(self) -> None:
         if self._owns_channel:
@@ -220,14 +250,8 @@ class CrmClient(_AsyncClient):
     async def pipeline_summary(
         self, tenant_id: str, *, deadline: Deadline | None = None
     ) -> crm_pb2.PipelineSummaryResponse:
-        timeout = self._timeout(PIPELINE_SUMMARY, deadline)
         request = crm_pb2.PipelineSummaryRequest(tenant_id=tenant_id)
-        try:
-            return await self._stub.PipelineSummary(
-                request, timeout=timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as failure:
-            raise error_from_rpc(failure) from failure
+        return await self._invoke(PIPELINE_SUMMARY, self._stub.PipelineSummary, request, deadline)
 
 
 class ProvisioningClient(_AsyncClient):
@@ -252,12 +276,8 @@ class ProvisioningClient(_AsyncClient):
         allow_missing: bool = False,
         deadline: Deadline | None = None,
     ) -> provisioning_pb2.DeprovisionResponse:
-        timeout = self._timeout(DEPROVISION, deadline)
         request = _deprovision_request(tenant_id, request_id, validate_only, allow_missing)
-        try:
-            return await self._stub.Deprovision(request, timeout=timeout, metadata=self._metadata)
-        except grpc.RpcError as failure:
-            raise error_from_rpc(failure) from failure
+        return await self._invoke(DEPROVISION, self._stub.Deprovision, request, deadline)
 
 
 class CrmSyncClient(_SyncClient):
@@ -272,12 +292,8 @@ class CrmSyncClient(_SyncClient):
     def pipeline_summary(
         self, tenant_id: str, *, deadline: Deadline | None = None
     ) -> crm_pb2.PipelineSummaryResponse:
-        timeout = self._timeout(PIPELINE_SUMMARY, deadline)
         request = crm_pb2.PipelineSummaryRequest(tenant_id=tenant_id)
-        try:
-            return self._stub.PipelineSummary(request, timeout=timeout, metadata=self._metadata)
-        except grpc.RpcError as failure:
-            raise error_from_rpc(failure) from failure
+        return self._invoke(PIPELINE_SUMMARY, self._stub.PipelineSummary, request, deadline)
 
 
 class ProvisioningSyncClient(_SyncClient):
@@ -298,9 +314,5 @@ class ProvisioningSyncClient(_SyncClient):
         allow_missing: bool = False,
         deadline: Deadline | None = None,
     ) -> provisioning_pb2.DeprovisionResponse:
-        timeout = self._timeout(DEPROVISION, deadline)
         request = _deprovision_request(tenant_id, request_id, validate_only, allow_missing)
-        try:
-            return self._stub.Deprovision(request, timeout=timeout, metadata=self._metadata)
-        except grpc.RpcError as failure:
-            raise error_from_rpc(failure) from failure
+        return self._invoke(DEPROVISION, self._stub.Deprovision, request, deadline)

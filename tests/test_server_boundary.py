@@ -35,6 +35,8 @@ FAIL = b"fail"  # a request that makes the handler raise NotFound after one resp
 class Kind(enum.Enum):
     UNARY_UNARY = "UnaryUnary"
     UNARY_STREAM = "UnaryStream"
+    # A unary-stream handler that is a coroutine writing with context.write().
+    UNARY_STREAM_WRITER = "UnaryStreamWriter"
     STREAM_UNARY = "StreamUnary"
     STREAM_STREAM = "StreamStream"
 
@@ -72,6 +74,13 @@ def probe_service(seen: Seen) -> Service:
             raise NotFound("no such probe", reason="PROBE_NOT_FOUND")
         yield request
 
+    async def unary_stream_writer(request: bytes, context: ServicerContext) -> None:
+        seen.note()
+        await context.write(request)
+        if request == FAIL:
+            raise NotFound("no such probe", reason="PROBE_NOT_FOUND")
+        await context.write(request)
+
     async def stream_unary(requests: AsyncIterator[bytes], context: ServicerContext) -> bytes:
         seen.note()
         received = [request async for request in requests]
@@ -95,6 +104,9 @@ def probe_service(seen: Seen) -> Service:
         {
             Kind.UNARY_UNARY.value: grpc.unary_unary_rpc_method_handler(unary_unary),
             Kind.UNARY_STREAM.value: grpc.unary_stream_rpc_method_handler(unary_stream),
+            Kind.UNARY_STREAM_WRITER.value: grpc.unary_stream_rpc_method_handler(
+                unary_stream_writer
+            ),
             Kind.STREAM_UNARY.value: grpc.stream_unary_rpc_method_handler(stream_unary),
             Kind.STREAM_STREAM.value: grpc.stream_stream_rpc_method_handler(stream_stream),
         },
@@ -121,7 +133,7 @@ class Probe:
                 body, metadata=metadata, timeout=timeout_s
             )
             return [reply]
-        if kind is Kind.UNARY_STREAM:
+        if kind in (Kind.UNARY_STREAM, Kind.UNARY_STREAM_WRITER):
             replies = self.channel.unary_stream(kind.method)(
                 body, metadata=metadata, timeout=timeout_s
             )
@@ -138,7 +150,7 @@ class Probe:
 
     async def refusal(self, kind: Kind, token: str | None) -> grpc.aio.AioRpcError:
         """The failure of a call the server refuses before reading any request."""
-        if kind in (Kind.UNARY_UNARY, Kind.UNARY_STREAM):
+        if kind not in (Kind.STREAM_UNARY, Kind.STREAM_STREAM):
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await self.call(kind, token)
             return caught.value

@@ -59,7 +59,7 @@ async def test_deadline_cuts_row_deletion_part_way_and_repeated_calls_finish(
 ) -> None:
     # Large enough that a 0.5 s call cannot finish it; each call over the REST
     # stand-in deletes far less (an HTTP round trip per batch), so it gets fewer.
-    clients = 12_000 if transport == "postgres" else 6_000
+    clients = 25_000 if transport in ("postgres", "pooled") else 6_000
     async with provisioning_server(
         database, tokens, sendgrid, tmp_path, max_batch_rows=2000
     ) as provisioning:

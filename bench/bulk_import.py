@@ -82,7 +82,7 @@ QUOTES_SQL = """
 INSERT INTO quotes (tenant_id, customer_email, total_price, currency)
 SELECT %(tenant)s,
        'C' || ((i + 1) / 2) || '@bulk.example',
-       CASE WHEN i %% 20 = 0 THEN NULL ELSE ((i * 7919) %% 99991) / 100.0 + 1 END,
+       CASE WHEN i %% 20 = 0 THEN NULL ELSE ((i::bigint * 7919) %% 99991) / 100.0 + 1 END,
        (ARRAY['EUR', 'USD', 'GBP'])[1 + i %% 3]
 FROM generate_series(%(first)s::int, %(last)s::int) i
 """

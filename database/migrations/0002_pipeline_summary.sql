@@ -188,6 +188,21 @@ BEGIN
 END
 $$;
 
+-- Of the tenants of a statement's rows (one entry per row), those with more
+-- rows in it than pipeline_fold_limit get a rebuild mark. Returns them.
+CREATE FUNCTION pipeline_mark_bulk(p_row_tenants text[]) RETURNS text[]
+LANGUAGE sql
+SET search_path = public, pg_temp
+AS $$
+    WITH marked AS (
+        INSERT INTO pipeline_deltas (tenant_id)
+        SELECT t FROM unnest(p_row_tenants) t
+        GROUP BY 1 HAVING count(*) > pipeline_fold_limit(t)
+        RETURNING tenant_id
+    )
+    SELECT coalesce(array_agg(tenant_id), '{}') FROM marked
+$$;
+
 -- The writers' triggers: each statement's transition table becomes deltas in
 -- one INSERT, a delta per row (grouping them here cost a single-row write a
 -- fifth of its throughput; compaction groups them anyway). UPDATE counts the
@@ -207,13 +222,8 @@ BEGIN
     IF TG_OP = 'DELETE' THEN
         v_skip := pipeline_unmaintained(ARRAY(SELECT DISTINCT tenant_id FROM old_rows));
         IF (SELECT count(*) FROM (SELECT FROM old_rows LIMIT v_floor) r) >= v_floor THEN
-            WITH marked AS (
-                INSERT INTO pipeline_deltas (tenant_id)
-                SELECT tenant_id FROM old_rows WHERE tenant_id <> ALL (v_skip)
-                GROUP BY 1 HAVING count(*) > pipeline_fold_limit(tenant_id)
-                RETURNING tenant_id
-            )
-            SELECT v_skip || array_agg(tenant_id) INTO v_skip FROM marked;
+            v_skip := v_skip || pipeline_mark_bulk(
+                ARRAY(SELECT tenant_id FROM old_rows WHERE tenant_id <> ALL (v_skip)));
         END IF;
         INSERT INTO pipeline_deltas (tenant_id, email_key, stage, clients)
         SELECT tenant_id, coalesce(email_key, ''), pipeline_stage, -1
@@ -222,13 +232,7 @@ BEGIN
     END IF;
 
     IF (SELECT count(*) FROM (SELECT FROM new_rows LIMIT v_floor) r) >= v_floor THEN
-        WITH marked AS (
-            INSERT INTO pipeline_deltas (tenant_id)
-            SELECT tenant_id FROM new_rows
-            GROUP BY 1 HAVING count(*) > pipeline_fold_limit(tenant_id)
-            RETURNING tenant_id
-        )
-        SELECT coalesce(array_agg(tenant_id), '{}') INTO v_skip FROM marked;
+        v_skip := pipeline_mark_bulk(ARRAY(SELECT tenant_id FROM new_rows));
     END IF;
     IF TG_OP = 'INSERT' THEN
         INSERT INTO pipeline_deltas (tenant_id, email_key, stage, clients)
@@ -264,13 +268,8 @@ BEGIN
     IF TG_OP = 'DELETE' THEN
         v_skip := pipeline_unmaintained(ARRAY(SELECT DISTINCT tenant_id FROM old_rows));
         IF (SELECT count(*) FROM (SELECT FROM old_rows LIMIT v_floor) r) >= v_floor THEN
-            WITH marked AS (
-                INSERT INTO pipeline_deltas (tenant_id)
-                SELECT tenant_id FROM old_rows WHERE tenant_id <> ALL (v_skip)
-                GROUP BY 1 HAVING count(*) > pipeline_fold_limit(tenant_id)
-                RETURNING tenant_id
-            )
-            SELECT v_skip || array_agg(tenant_id) INTO v_skip FROM marked;
+            v_skip := v_skip || pipeline_mark_bulk(
+                ARRAY(SELECT tenant_id FROM old_rows WHERE tenant_id <> ALL (v_skip)));
         END IF;
         INSERT INTO pipeline_deltas (tenant_id, email_key, currency, amount, priced_quotes)
         SELECT tenant_id, email_key, currency, -total_price, -1
@@ -280,13 +279,7 @@ BEGIN
     END IF;
 
     IF (SELECT count(*) FROM (SELECT FROM new_rows LIMIT v_floor) r) >= v_floor THEN
-        WITH marked AS (
-            INSERT INTO pipeline_deltas (tenant_id)
-            SELECT tenant_id FROM new_rows
-            GROUP BY 1 HAVING count(*) > pipeline_fold_limit(tenant_id)
-            RETURNING tenant_id
-        )
-        SELECT coalesce(array_agg(tenant_id), '{}') INTO v_skip FROM marked;
+        v_skip := pipeline_mark_bulk(ARRAY(SELECT tenant_id FROM new_rows));
     END IF;
     IF TG_OP = 'INSERT' THEN
         INSERT INTO pipeline_deltas (tenant_id, email_key, currency, amount, priced_quotes)

@@ -93,15 +93,13 @@ def server_facts(url: str) -> dict[str, str]:
     return facts
 
 
-# --- the pipeline delta log (migration 0007) -------------------------------------
+# --- the pipeline delta log (database/migrations/0002_pipeline_summary.sql) ---------
 
 # What crm_svc's background compactor does: pipeline_compact(COMPACT_BATCH),
 # again at once while it answers "more", else after COMPACT_IDLE_S.
 COMPACT_BATCH = 10_000
 COMPACT_IDLE_S = 0.2
 PIPELINE_AGGREGATE_TABLES = (
-    "pipeline_email_clients",
-    "pipeline_email_quotes",
     "pipeline_stage_clients",
     "pipeline_stage_values",
 )
@@ -112,26 +110,30 @@ _DRAIN_BUSY_TRIES = 50
 
 @dataclass(frozen=True)
 class Drain:
-    """A backlog drained by calling pipeline_compact until it says no more."""
+    """A backlog drained by calling pipeline_compact until it says no more
+    (and pipeline_rebuild_if_needed for the tenants it lists)."""
 
     deltas: int  # deltas these calls compacted
     calls: int
     seconds: float
     left: int  # pipeline_deltas rows left (busy tenants, tenants being deprovisioned)
     vacuum_s: float = 0.0  # VACUUM (ANALYZE) of the log and the aggregates afterwards
+    rebuilds: int = 0  # tenants rebuilt instead of folded
 
     @property
     def rate(self) -> float:
         return self.deltas / self.seconds if self.seconds > 0 else 0.0
 
     def describe(self) -> str:
-        if self.deltas == 0 and self.left == 0:
+        if self.deltas == 0 and self.left == 0 and self.rebuilds == 0:
             return "no pending deltas"
         text = (
             f"{self.deltas:,} pending deltas compacted in {self.seconds:.1f}s"
             f" ({self.rate:,.0f} deltas/s, {self.calls:,} call{'' if self.calls == 1 else 's'}"
             f" of pipeline_compact({COMPACT_BATCH}) back to back)"
         )
+        if self.rebuilds:
+            text += f", {self.rebuilds} tenant(s) rebuilt instead (bulk-marked or a large backlog)"
         if self.vacuum_s:
             text += f", then VACUUM (ANALYZE) of the log and the aggregates in {self.vacuum_s:.1f}s"
         if self.left:
@@ -146,8 +148,9 @@ def delta_backlog(conn: psycopg.Connection[Any]) -> int:
 
 
 def deltas_logged(conn: psycopg.Connection[Any]) -> int:
-    """How many deltas were ever appended to pipeline_deltas: its identity
-    sequence's last value (cache 1: every value handed out is one delta)."""
+    """About how many deltas were ever appended to pipeline_deltas: its identity
+    sequence's last value (sessions take ids 1000 at a time: an overcount by
+    under 1000 per session)."""
     row = conn.execute(
         "SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('pipeline_deltas', 'id')), 0)"
     ).fetchone()
@@ -165,7 +168,7 @@ def drain_backlog(url: str, *, vacuum: bool = True, label: str = "drain") -> Dra
         if pending:
             say(f"{label}: {pending:,} pending deltas; compacting")
         started = last_report = time.monotonic()
-        deltas = calls = busy_tries = 0
+        deltas = calls = busy_tries = rebuilds = 0
         reported = 0
         while True:
             row = conn.execute("SELECT pipeline_compact(%s)", (COMPACT_BATCH,)).fetchone()
@@ -173,6 +176,11 @@ def drain_backlog(url: str, *, vacuum: bool = True, label: str = "drain") -> Dra
             answer = row[0]
             calls += 1
             deltas += int(answer["compacted"])
+            for tenant in answer["rebuild"]:
+                rebuilt = conn.execute(
+                    "SELECT pipeline_rebuild_if_needed(%s)", (tenant,)
+                ).fetchone()
+                rebuilds += bool(rebuilt and rebuilt[0]["rebuilt"])
             now = time.monotonic()
             if now - last_report > 10:
                 say(
@@ -181,7 +189,7 @@ def drain_backlog(url: str, *, vacuum: bool = True, label: str = "drain") -> Dra
                     f" {(deltas - reported) / (now - last_report):,.0f} deltas/s)"
                 )
                 last_report, reported = now, deltas
-            if answer["more"]:
+            if answer["more"] or answer["rebuild"]:
                 busy_tries = 0
                 continue
             if not answer["busy"] or busy_tries >= _DRAIN_BUSY_TRIES:
@@ -191,14 +199,14 @@ def drain_backlog(url: str, *, vacuum: bool = True, label: str = "drain") -> Dra
         seconds = time.monotonic() - started
         left = delta_backlog(conn)
         vacuum_s = 0.0
-        if vacuum and deltas:
+        if vacuum and (deltas or rebuilds):
             t0 = time.monotonic()
             conn.execute(
                 "VACUUM (ANALYZE) pipeline_deltas, " + ", ".join(PIPELINE_AGGREGATE_TABLES)
             )
             vacuum_s = time.monotonic() - t0
-    drain = Drain(deltas, calls, seconds, left, vacuum_s)
-    if pending or deltas:
+    drain = Drain(deltas, calls, seconds, left, vacuum_s, rebuilds)
+    if pending or deltas or rebuilds:
         say(f"{label}: {drain.describe()}")
     return drain
 

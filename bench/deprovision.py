@@ -15,7 +15,7 @@ noise tenants, whose rows (a checksum per table) and directories are verified
 unchanged at the end; each deprovisioned tenant is verified to have no row
 left and no directory.
 
-Since migration 0007 the load's writes log deltas (`pipeline_deltas`, a tenant
+The load's writes log deltas (`pipeline_deltas`, a tenant
 table); they are compacted into the pipeline aggregates after loading, as the
 background compactor would have done long before a tenant is deprovisioned.
 So every tenant also owns aggregate rows, all deleted with it: the rows

@@ -18,10 +18,10 @@ noise tenant and the other sizes share the tables), measured in one run:
 Once per size all answers are compared and must agree exactly. The methods
 are a list (`Contenders.methods`): a new one is one entry there.
 
-Since migration 0007 writes log deltas that a background compactor folds into
+Writes log deltas (docs/pipeline.md) that a background compactor folds into
 the aggregates, and `pipeline_summary` adds the tenant's pending deltas to
-them. Loading the data logs millions of deltas, so before anything is timed
-the backlog is drained (pipeline_compact until it says no more; the time and
+them. Loading the data in bulk statements marks the tenants for a rebuild
+instead, so before anything is timed the backlog is drained (pipeline_compact until it says no more; the time and
 deltas/s are reported) and the log and the aggregates vacuumed. To show what
 a lagging compactor costs a read, the 1k tenant is also measured with
 `--backlogs` deltas pending: committed updates (client stage moves and quote
@@ -56,6 +56,7 @@ from typing import Any
 import grpc
 import psycopg
 
+from bench import bulk_import
 from bench.common import (
     BENCH_DATA_DIR,
     STANDIN_NOTE,
@@ -152,6 +153,18 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
         default="1000,10000",
         help=f"pending (uncompacted) deltas to measure the {BACKLOG_TENANT} tenant with as well,"
         " comma-separated; empty: none (default: %(default)s)",
+    )
+    group.add_argument(
+        "--bulk-scenarios",
+        default=",".join(bulk_import.SCENARIOS),
+        help="bulk-import scenarios to run, comma-separated; empty: none (default: %(default)s)",
+    )
+    group.add_argument(
+        "--bulk-clients",
+        type=int,
+        default=1_000_000,
+        metavar="N",
+        help="clients the bulk import loads (and twice as many quotes) (default: %(default)s)",
     )
 
 
@@ -523,7 +536,7 @@ def summary_from_response(response: crm_pb2.PipelineSummaryResponse) -> Summary:
 
 
 def _normalise(email: str | None) -> str | None:
-    """The email key (pipeline_email_key, 0002): str.strip().lower(); blank is None."""
+    """The email key (pipeline_email_key): str.strip().lower(); blank is None."""
     return (email or "").strip().lower() or None
 
 
@@ -841,7 +854,7 @@ def report(
         " calling each once in rotating order; p95 interpolates between ranks (n=5: near the max)"
     )
     print(
-        f"- the load's deltas (migration 0007) were compacted before timing: {drain.describe()};"
+        f"- the load's deltas were compacted before timing: {drain.describe()};"
         " pending deltas = the tenant's rows in pipeline_deltas while it was measured"
     )
     if any(m.backlog for m in measurements):
@@ -1024,3 +1037,10 @@ async def run(args: argparse.Namespace) -> None:
                                 await log_autovacuum_count(sql_conn) != autovacuums
                             )
     report(methods, measurements, facts, where, drain)
+    scenarios = [name for name in args.bulk_scenarios.split(",") if name]
+    unknown = set(scenarios) - set(bulk_import.SCENARIOS)
+    if unknown:
+        raise SystemExit(f"unknown bulk-import scenarios: {', '.join(sorted(unknown))}")
+    if scenarios:
+        for line in await bulk_import.run_section(server, args.bulk_clients, scenarios):
+            print(line)

@@ -16,7 +16,7 @@ and disabled ("off", what writes cost without the aggregates), alternating
 on/off rounds so that neighbours' load hits both alike, each mode in its own
 tenant of the same starting size.
 
-Since migration 0007 a write only appends deltas to `pipeline_deltas`; the
+Since the delta log (docs/pipeline.md) a write only appends deltas to `pipeline_deltas`; the
 aggregates are brought up to date by a background compactor in crm_svc. "on"
 therefore includes that compactor, as production runs it: while an "on"
 workload runs, another connection loops `SELECT pipeline_compact(10000)`,
@@ -433,6 +433,8 @@ class Compactor:
             self._in_call_since = None
             assert row is not None
             answer = row[0]
+            for tenant in answer["rebuild"]:  # as crm_svc's compactor does
+                await self._conn.execute("SELECT pipeline_rebuild_if_needed(%s)", (tenant,))
             more = bool(answer["more"])
             self.calls.append(
                 CompactCall(
@@ -488,8 +490,9 @@ async def count_backlog(conn: psycopg.AsyncConnection[Any]) -> int:
 
 
 async def deltas_logged(conn: psycopg.AsyncConnection[Any]) -> int:
-    """How many deltas were ever appended: the log's identity sequence (cache 1,
-    and no write here rolls back, so every value is one delta)."""
+    """About how many deltas were ever appended: the log's identity sequence
+    (no write here rolls back; each session takes ids 1000 at a time, so it
+    overcounts by under 1000 per session)."""
     cursor = await conn.execute(
         "SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('pipeline_deltas', 'id')), 0)"
     )
@@ -800,7 +803,7 @@ def report(
         f" single = {ops:,} autocommit statements of 1 row, batch = statements of {BATCH_ROWS} rows"
     )
     print(
-        f"- on = triggers logging deltas (0007) AND the background compactor running alongside"
+        f"- on = triggers logging deltas AND the background compactor running alongside"
         f" as crm_svc runs it (its own connection, `pipeline_compact({COMPACT_BATCH})` again at"
         f' once while "more", else after {COMPACT_IDLE_S:g}s), started with an empty log;'
         " off = triggers disabled, no compactor"

@@ -41,6 +41,7 @@ def background_tasks(db: Database, settings: Settings) -> list[BackgroundTask]:
                 interval_s=settings.crm_pipeline_compact_interval_s,
                 max_deltas=settings.crm_pipeline_compact_batch,
                 budget_s=settings.crm_pipeline_compact_timeout_s,
+                rebuild_budget_s=settings.crm_pipeline_rebuild_timeout_s,
             ),
         )
     ]

@@ -1,13 +1,22 @@
-"""Background compaction of the pipeline delta log (migration 0007).
+"""Background upkeep of the pipeline aggregates (database/migrations/0002_pipeline_summary.sql).
 
 Writers to `clients` and `quotes` only append rows to `pipeline_deltas`;
 `pipeline_summary` stays exact by adding a tenant's pending deltas to its
-aggregates, but the more are pending the slower it gets. The SQL function
-`pipeline_compact(p_max_deltas)` folds committed deltas into the aggregates.
-The CRM service calls it continuously (`run_compactor`): again at once while
-deltas remain, otherwise after a short pause. Compaction is idempotent and
-safe to run in several replicas at once (a tenant being compacted elsewhere
-is skipped, never waited for), and a call cut short applies nothing.
+aggregates, or by recomputing the tenant when that is cheaper. The CRM service
+keeps the backlog small (`run_compactor`):
+
+- `pipeline_compact(p_max_deltas)` folds committed deltas into the aggregates,
+  shared fairly over the tenants that have some; it is called again at once
+  while deltas remain, otherwise after a short pause;
+- tenants it lists for a rebuild (a bulk statement marked them, or their
+  backlog costs more to fold than to recompute) are rebuilt one at a time,
+  largest backlog first, in a task of their own with their own budget, so
+  that folding the other tenants goes on meanwhile;
+- every few seconds the largest backlogs are counted for the gauges.
+
+All of it is safe in several replicas at once (a tenant being compacted or
+rebuilt elsewhere is skipped, never waited for), and a call cut short applies
+nothing.
 """
 
 from __future__ import annotations
@@ -23,9 +32,12 @@ from shared.deadline import Deadline
 from shared.errors import Internal, ServiceError, Unavailable
 from shared.logs import kv
 from shared.metrics import (
+    PIPELINE_BACKLOG_DELTAS,
+    PIPELINE_BACKLOG_TOTAL,
     PIPELINE_COMPACTION_ERRORS,
     PIPELINE_COMPACTION_LAST_SUCCESS,
     PIPELINE_DELTAS_COMPACTED,
+    PIPELINE_REBUILDS,
 )
 
 log = logging.getLogger(__name__)
@@ -34,6 +46,9 @@ OPERATION = "pipeline_compact"
 # After a failed call, wait this long before the next one, doubling up to the maximum.
 FIRST_RETRY_S = 0.5
 MAX_RETRY_S = 5.0
+# How often the largest backlogs are counted for the gauges, and how many.
+BACKLOG_REPORT_INTERVAL_S = 5.0
+BACKLOG_REPORT_TOP = 10
 
 
 @dataclass(frozen=True)
@@ -45,6 +60,24 @@ class Compaction:
     busy: int  # tenants skipped: another compaction, a rebuild or a status change held them
     discarded: int  # deltas of tenants that no longer exist, dropped
     more: bool  # deltas are left: call again
+    rebuild: tuple[str, ...] = ()  # tenants to rebuild rather than fold, largest backlog first
+
+
+@dataclass(frozen=True)
+class Rebuild:
+    """What one `pipeline_rebuild_if_needed` call did."""
+
+    rebuilt: bool
+    busy: bool  # another replica holds the tenant
+    forgotten: int  # deltas (and marks) the rebuild made unnecessary
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """The pending deltas: in all, and the largest tenants' (largest first)."""
+
+    total: int
+    tenants: tuple[tuple[str, int], ...]
 
 
 async def compact_pipeline(db: Database, deadline: Deadline, *, max_deltas: int) -> Compaction:
@@ -68,9 +101,48 @@ def _parse(document: Any) -> Compaction:
             busy=int(document["busy"]),
             discarded=int(document["discarded"]),
             more=_boolean(document["more"]),
+            rebuild=tuple(str(tenant) for tenant in document["rebuild"]),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise Internal(f"malformed {OPERATION} document: {exc!r}", reason="BAD_DB_RESULT") from None
+
+
+async def rebuild_tenant(db: Database, tenant_id: str, deadline: Deadline) -> Rebuild:
+    """Rebuild one tenant's aggregates from its rows, if it still needs it and
+    no one else is at it (one transaction; a full scan of the tenant)."""
+    document = await db.call(
+        "pipeline_rebuild_if_needed",
+        {"p_tenant_id": tenant_id},
+        deadline,
+        cap_s=deadline.remaining(),
+        tenant_id=tenant_id,
+    )
+    try:
+        return Rebuild(
+            rebuilt=_boolean(document["rebuilt"]),
+            busy=_boolean(document["busy"]),
+            forgotten=int(document["forgotten"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise Internal(
+            f"malformed pipeline_rebuild_if_needed document: {exc!r}", reason="BAD_DB_RESULT"
+        ) from None
+
+
+async def pipeline_backlog(db: Database, deadline: Deadline, *, top: int) -> Backlog:
+    """Count the pending deltas, per tenant for the `top` largest."""
+    document = await db.call("pipeline_backlog", {"p_top": top}, deadline)
+    try:
+        return Backlog(
+            total=int(document["total"]),
+            tenants=tuple(
+                (str(item["tenant_id"]), int(item["deltas"])) for item in document["tenants"]
+            ),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise Internal(
+            f"malformed pipeline_backlog document: {exc!r}", reason="BAD_DB_RESULT"
+        ) from None
 
 
 def _boolean(value: Any) -> bool:
@@ -80,30 +152,45 @@ def _boolean(value: Any) -> bool:
 
 
 async def run_compactor(
-    db: Database, *, interval_s: float, max_deltas: int, budget_s: float
+    db: Database,
+    *,
+    interval_s: float,
+    max_deltas: int,
+    budget_s: float,
+    rebuild_budget_s: float = 300.0,
 ) -> None:
     """Compact until cancelled: at once again while deltas remain, else every `interval_s`.
 
-    A failed call is logged and retried after a growing pause (up to
-    MAX_RETRY_S); nothing stops the loop but cancellation. Cancelling it
-    abandons the call in flight like any cancelled database call (the direct
-    transport cancels the statement; either way a call that does not commit
-    applies nothing).
+    Tenants listed for a rebuild are rebuilt in a task of their own (one at
+    a time, each within `rebuild_budget_s`) while folding goes on. A failed
+    call is logged and retried after a growing pause (up to MAX_RETRY_S);
+    nothing stops the loop but cancellation. Cancelling it abandons the calls
+    in flight like any cancelled database call (the direct transport cancels
+    the statement; either way a call that does not commit applies nothing).
     """
-    if interval_s <= 0 or max_deltas < 1 or budget_s <= 0:
-        raise ValueError("run_compactor needs interval_s > 0, max_deltas >= 1 and budget_s > 0")
+    if interval_s <= 0 or max_deltas < 1 or budget_s <= 0 or rebuild_budget_s <= 0:
+        raise ValueError(
+            "run_compactor needs interval_s > 0, max_deltas >= 1, budget_s > 0"
+            " and rebuild_budget_s > 0"
+        )
     log.info(
         kv(
             "pipeline_compactor_started",
             interval_ms=round(interval_s * 1000),
             batch=max_deltas,
             budget_ms=round(budget_s * 1000),
+            rebuild_budget_ms=round(rebuild_budget_s * 1000),
             transport=db.name,
         )
     )
     failures = 0
+    rebuilds: asyncio.Task[None] | None = None
+    next_report = 0.0
     try:
         while True:
+            if time.monotonic() >= next_report:
+                next_report = time.monotonic() + BACKLOG_REPORT_INTERVAL_S
+                await _report_backlog(db, budget_s)
             try:
                 result = await compact_pipeline(db, Deadline.after(budget_s), max_deltas=max_deltas)
             except Exception as exc:  # the loop must outlive any one failed call
@@ -117,6 +204,11 @@ async def run_compactor(
             if failures:
                 log.info(kv("pipeline_compaction_recovered", failed_calls=failures))
                 failures = 0
+            if result.rebuild and (rebuilds is None or rebuilds.done()):
+                rebuilds = asyncio.create_task(
+                    _rebuild_tenants(db, result.rebuild, rebuild_budget_s),
+                    name="pipeline_rebuilds",
+                )
             # `more` with nothing done means the tenants left are all being
             # compacted elsewhere: do not spin on them.
             if result.more and result.compacted > 0:
@@ -124,7 +216,47 @@ async def run_compactor(
             else:
                 await asyncio.sleep(interval_s)
     finally:
+        if rebuilds is not None and not rebuilds.done():
+            rebuilds.cancel()
+            await asyncio.gather(rebuilds, return_exceptions=True)
         log.info(kv("pipeline_compactor_stopped"))
+
+
+async def _rebuild_tenants(db: Database, tenants: tuple[str, ...], budget_s: float) -> None:
+    """Rebuild each tenant in turn; a failure is logged and the next one tried
+    (compaction lists a tenant again while it still needs a rebuild)."""
+    for tenant_id in tenants:
+        started = time.monotonic()
+        try:
+            result = await rebuild_tenant(db, tenant_id, Deadline.after(budget_s))
+        except Exception as exc:  # the compactor must outlive any one failed rebuild
+            PIPELINE_REBUILDS.labels("failed").inc()
+            _record_failure(exc, 1, 0.0, event="pipeline_rebuild_failed", tenant=tenant_id)
+            continue
+        outcome = "rebuilt" if result.rebuilt else "busy" if result.busy else "not_needed"
+        PIPELINE_REBUILDS.labels(outcome).inc()
+        log.info(
+            kv(
+                "pipeline_rebuild",
+                tenant=tenant_id,
+                outcome=outcome,
+                forgotten_deltas=result.forgotten,
+                elapsed_ms=round((time.monotonic() - started) * 1000),
+            )
+        )
+
+
+async def _report_backlog(db: Database, budget_s: float) -> None:
+    """Set the backlog gauges; a failure only leaves them as they were."""
+    try:
+        backlog = await pipeline_backlog(db, Deadline.after(budget_s), top=BACKLOG_REPORT_TOP)
+    except Exception as exc:  # gauges are best effort: compaction goes on
+        _record_failure(exc, 1, 0.0, event="pipeline_backlog_failed")
+        return
+    PIPELINE_BACKLOG_TOTAL.set(backlog.total)
+    PIPELINE_BACKLOG_DELTAS.clear()
+    for tenant_id, deltas in backlog.tenants:
+        PIPELINE_BACKLOG_DELTAS.labels(tenant_id).set(deltas)
 
 
 def _retry_pause(exc: BaseException, failures: int) -> float:
@@ -134,12 +266,20 @@ def _retry_pause(exc: BaseException, failures: int) -> float:
     return pause
 
 
-def _record_failure(exc: BaseException, failures: int, pause: float) -> None:
+def _record_failure(
+    exc: BaseException,
+    failures: int,
+    pause: float,
+    *,
+    event: str = "pipeline_compaction_failed",
+    **fields: Any,
+) -> None:
     if isinstance(exc, ServiceError):
         PIPELINE_COMPACTION_ERRORS.labels(exc.reason).inc()
         log.warning(
             kv(
-                "pipeline_compaction_failed",
+                event,
+                **fields,
                 reason=exc.reason,
                 error=type(exc).__name__,
                 message=exc.message,
@@ -152,7 +292,8 @@ def _record_failure(exc: BaseException, failures: int, pause: float) -> None:
     PIPELINE_COMPACTION_ERRORS.labels("UNEXPECTED").inc()
     log.error(
         kv(
-            "pipeline_compaction_failed",
+            event,
+            **fields,
             reason="UNEXPECTED",
             error=type(exc).__name__,
             failed_calls=failures,

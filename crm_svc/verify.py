@@ -1,11 +1,10 @@
 """`python -m crm_svc verify`: compare the pipeline aggregates with a full recomputation.
 
 The aggregates behind PipelineSummary are kept current by triggers and the
-compactor (database/migrations/0006_pipeline_aggregates.sql and
-0007_pipeline_delta_log.sql); the check counts the deltas not compacted yet. This operator command checks
-them, tenant by tenant, against `pipeline_summary_recompute` and against a
-recomputation of every aggregate row (drift there is not always visible in the
-summary yet), each tenant in one database snapshot so that concurrent writes
+compactor (docs/pipeline.md); the check also counts the deltas not compacted
+yet. This operator command checks them, tenant by tenant, against
+`pipeline_summary_recompute` and against a recomputation of every aggregate
+row (drift there is not always visible in the summary yet), each tenant in one database snapshot so that concurrent writes
 never show up as drift. With `--repair` a drifting tenant is rebuilt online and
 checked again.
 

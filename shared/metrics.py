@@ -38,6 +38,18 @@ PIPELINE_DELTAS_COMPACTED = Counter(
 PIPELINE_COMPACTION_ERRORS = Counter(
     "pipeline_compaction_errors", "Failed pipeline compaction calls, by reason", ["reason"]
 )
+PIPELINE_REBUILDS = Counter(
+    "pipeline_rebuilds",
+    "Tenant rebuilds the compactor attempted, by outcome (rebuilt, busy, not_needed, failed)",
+    ["outcome"],
+)
+# Counted every few seconds by the compactor: alert on a backlog that keeps growing.
+PIPELINE_BACKLOG_TOTAL = Gauge("pipeline_backlog_pending_deltas", "Pending pipeline deltas in all")
+PIPELINE_BACKLOG_DELTAS = Gauge(
+    "pipeline_backlog_tenant_deltas",
+    "Pending pipeline deltas of the tenants with the largest backlogs (the top 10 only)",
+    ["tenant"],
+)
 PIPELINE_COMPACTION_LAST_SUCCESS = Gauge(
     "pipeline_compaction_last_success_timestamp_seconds",
     "Unix time of the last successful pipeline compaction call (alert when it stops moving)",

@@ -88,10 +88,12 @@ class Settings:
     allow_insecure: bool = False
     # The CRM service's background compaction of the pipeline delta log
     # (crm_svc/compaction.py): pause between calls when caught up (0 = off),
-    # deltas per call, and the time one call may take.
+    # deltas per call, the time one call may take, and the time one tenant's
+    # rebuild (a full scan of it) may take.
     crm_pipeline_compact_interval_s: float = 0.2
     crm_pipeline_compact_batch: int = 10_000
     crm_pipeline_compact_timeout_s: float = 10.0
+    crm_pipeline_rebuild_timeout_s: float = 300.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -135,6 +137,9 @@ class Settings:
             ),
             crm_pipeline_compact_timeout_s=_seconds(
                 env, "CRM_PIPELINE_COMPACT_TIMEOUT_S", cls.crm_pipeline_compact_timeout_s
+            ),
+            crm_pipeline_rebuild_timeout_s=_seconds(
+                env, "CRM_PIPELINE_REBUILD_TIMEOUT_S", cls.crm_pipeline_rebuild_timeout_s
             ),
         )
 

@@ -1,4 +1,5 @@
-"""Checks of the pipeline aggregates (migrations 0006 and 0007) shared by their tests."""
+"""Checks of the pipeline aggregates (database/migrations/0002_pipeline_summary.sql)
+shared by their tests."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ import psycopg
 
 # The tables that hold the aggregates; pipeline_deltas holds what they do not yet.
 AGGREGATE_TABLES = (
-    "pipeline_email_clients",
-    "pipeline_email_quotes",
     "pipeline_stage_clients",
     "pipeline_stage_values",
 )
@@ -27,14 +26,19 @@ def summaries(conn: psycopg.Connection[Any], tenant_id: str) -> tuple[Any, Any]:
 
 def compact(conn: psycopg.Connection[Any]) -> int:
     """Fold every committed delta (and this transaction's) into the aggregates,
-    as the CRM service's compactor does; return how many were folded."""
+    and rebuild the tenants compaction lists for it, as the CRM service's
+    compactor does; return how many deltas were folded."""
     folded = 0
     while True:
         row = conn.execute("SELECT pipeline_compact(100000)").fetchone()
         assert row is not None
-        folded += int(row[0]["compacted"])
-        assert row[0]["busy"] == 0, row[0]
-        if not row[0]["more"]:
+        result = row[0]
+        folded += int(result["compacted"])
+        assert result["busy"] == 0, result
+        for tenant in result["rebuild"]:
+            rebuilt = conn.execute("SELECT pipeline_rebuild_if_needed(%s)", (tenant,)).fetchone()
+            assert rebuilt is not None and rebuilt[0]["rebuilt"], rebuilt
+        if not result["more"]:
             return folded
 
 

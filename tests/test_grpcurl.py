@@ -181,8 +181,8 @@ async def test_readme_deprovision_commands_dry_run_then_real(
         steps = {s["step"]: s for s in plan["steps"]}
         assert steps["STEP_TENANT_DATA"]["outcome"] == "STEP_OUTCOME_WOULD_DELETE"
         # The seed's initech-voyages: 2 clients, 2 quotes, an activity per client;
-        # their pipeline aggregates (the seed compacts its deltas): 2 emails, in 2
-        # stages, each with a GBP value; nothing left in the delta log.
+        # their pipeline aggregates (the seed compacts its deltas): 2 stages, each
+        # with a GBP value; nothing left in the delta log.
         assert steps["STEP_TENANT_DATA"]["rows"] == {
             "activities": "2",
             "clients": "2",
@@ -191,8 +191,6 @@ async def test_readme_deprovision_commands_dry_run_then_real(
             "quotes": "2",
             "tenant_settings": "1",
             "pipeline_deltas": "0",
-            "pipeline_email_clients": "2",
-            "pipeline_email_quotes": "2",
             "pipeline_stage_clients": "2",
             "pipeline_stage_values": "2",
         }

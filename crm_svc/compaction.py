@@ -46,6 +46,13 @@ OPERATION = "pipeline_compact"
 # After a failed call, wait this long before the next one, doubling up to the maximum.
 FIRST_RETRY_S = 0.5
 MAX_RETRY_S = 5.0
+# On a read-only database (a replica) compaction cannot run: look again this
+# rarely, in case it is promoted.
+READ_ONLY_RETRY_S = 60.0
+READ_ONLY_HINT = (
+    "a read replica cannot compact: set CRM_PIPELINE_COMPACT_INTERVAL_S=0 on the crm_svc"
+    " serving it and keep one compacting on the primary"
+)
 # How often the largest backlogs are counted for the gauges, and how many.
 BACKLOG_REPORT_INTERVAL_S = 5.0
 BACKLOG_REPORT_TOP = 10
@@ -259,7 +266,13 @@ async def _report_backlog(db: Database, budget_s: float) -> None:
         PIPELINE_BACKLOG_DELTAS.labels(tenant_id).set(deltas)
 
 
+def _read_only(exc: BaseException) -> bool:
+    return isinstance(exc, ServiceError) and exc.reason == "READ_ONLY_DATABASE"
+
+
 def _retry_pause(exc: BaseException, failures: int) -> float:
+    if _read_only(exc):
+        return READ_ONLY_RETRY_S
     pause = min(FIRST_RETRY_S * 2 ** min(failures - 1, 16), MAX_RETRY_S)
     if isinstance(exc, Unavailable):
         pause = max(pause, min(exc.retry_after_s, MAX_RETRY_S))
@@ -285,6 +298,7 @@ def _record_failure(
                 message=exc.message,
                 failed_calls=failures,
                 retry_in_ms=round(pause * 1000),
+                hint=READ_ONLY_HINT if _read_only(exc) else None,
             )
         )
         return

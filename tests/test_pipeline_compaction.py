@@ -23,6 +23,7 @@ from prometheus_client import REGISTRY
 
 from crm_svc.compaction import (
     MAX_RETRY_S,
+    READ_ONLY_RETRY_S,
     Compaction,
     _retry_pause,
     compact_pipeline,
@@ -30,8 +31,9 @@ from crm_svc.compaction import (
 )
 from devkit.postgrest_standin import PostgrestStandin
 from shared.database import Database
+from shared.database.postgres import PostgresDatabase
 from shared.deadline import Deadline
-from shared.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from shared.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
 from tests import polling
 from tests.conftest import url_for
 from tests.factories import add_clients, add_quotes, create_tenant, unique_tenant
@@ -454,3 +456,44 @@ async def test_the_service_refuses_a_bad_compaction_setting(tmp_path: Path) -> N
         _, err = await process.communicate()
     assert process.returncode == 1
     assert "CRM_PIPELINE_COMPACT_BATCH must be a whole number" in err.decode()
+
+
+async def test_on_a_read_only_database_the_compactor_says_what_to_do_and_looks_again_rarely(
+    database_url: str, sql: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A crm_svc pointed at a read replica: compaction cannot write. It fails
+    with READ_ONLY_DATABASE (not INTERNAL), and the loop logs what to do once
+    and waits a minute before trying again instead of retrying every few seconds."""
+    tenant = unique_tenant("replica")
+    create_tenant(sql, tenant)
+    add_clients(sql, tenant, [("r@x.io", "PAID")])  # something to fold: a write
+    separator = "&" if "?" in database_url else "?"
+    read_only_url = f"{database_url}{separator}options=-c%20default_transaction_read_only%3Don"
+    replica = PostgresDatabase(read_only_url, application_name="tests_replica", max_size=2)
+    await replica.open(wait_s=10)
+    caplog.set_level(logging.WARNING, logger="crm_svc.compaction")
+    try:
+        with pytest.raises(FailedPrecondition) as caught:
+            await compact_pipeline(replica, Deadline.after(5), max_deltas=10)
+        assert caught.value.reason == "READ_ONLY_DATABASE"
+        task = asyncio.create_task(
+            run_compactor(replica, interval_s=0.01, max_deltas=10, budget_s=5.0)
+        )
+        try:
+            await wait_until(
+                lambda: any("READ_ONLY_DATABASE" in r.getMessage() for r in caplog.records),
+                "the compactor logged the read-only database",
+            )
+            await asyncio.sleep(0.5)  # a retry now would log a second failure
+        finally:
+            task.cancel()
+            await asyncio.wait({task}, timeout=5)
+    finally:
+        await replica.close()
+    failures = [
+        r.getMessage() for r in caplog.records if "pipeline_compaction_failed" in r.getMessage()
+    ]
+    assert len(failures) == 1, failures
+    assert f"retry_in_ms={round(READ_ONLY_RETRY_S * 1000)}" in failures[0]
+    assert "CRM_PIPELINE_COMPACT_INTERVAL_S=0" in failures[0]
+    assert pending_deltas(sql, tenant) == 1

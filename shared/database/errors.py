@@ -44,6 +44,10 @@ def error_from_sqlstate(
         return DeadlineExceeded(
             "database lock wait timed out", reason="LOCK_TIMEOUT", metadata=metadata
         )
+    if state == "25006":  # read_only_sql_transaction: a read replica, or a primary in recovery
+        return FailedPrecondition(
+            "the database is read-only (a replica?)", reason="READ_ONLY_DATABASE", metadata=metadata
+        )
     if state in {"40001", "40P01"}:  # serialization failure, deadlock: retryable
         return Unavailable(
             "database transaction conflict, retry", reason="DB_CONFLICT", metadata=metadata

@@ -12,7 +12,10 @@ keeps the backlog small (`run_compactor`):
   backlog costs more to fold than to recompute) are rebuilt one at a time,
   largest backlog first, in a task of their own with their own budget, so
   that folding the other tenants goes on meanwhile;
-- every few seconds the largest backlogs are counted for the gauges.
+- every few seconds the largest backlogs are counted for the gauges;
+- after a large backlog is gone, the log is vacuumed at once (direct
+  transport): the dead entries of deleted deltas slow down every read of
+  their tenant until then.
 
 All of it is safe in several replicas at once (a tenant being compacted or
 rebuilt elsewhere is skipped, never waited for), and a call cut short applies
@@ -53,6 +56,11 @@ READ_ONLY_HINT = (
     "a read replica cannot compact: set CRM_PIPELINE_COMPACT_INTERVAL_S=0 on the crm_svc"
     " serving it and keep one compacting on the primary"
 )
+# Deleted deltas leave dead entries that every read of their tenant steps
+# over until a VACUUM: 1M of them cost a read 30 ms. After this many, the
+# compactor vacuums the log itself (autovacuum may take a minute to come by).
+VACUUM_AFTER_DELTAS = 100_000
+DELTA_LOG = "pipeline_deltas"
 # How often the largest backlogs are counted for the gauges, and how many.
 BACKLOG_REPORT_INTERVAL_S = 5.0
 BACKLOG_REPORT_TOP = 10
@@ -193,6 +201,7 @@ async def run_compactor(
     failures = 0
     rebuilds: asyncio.Task[None] | None = None
     next_report = 0.0
+    deleted = DeletedDeltas()
     try:
         while True:
             if time.monotonic() >= next_report:
@@ -208,12 +217,15 @@ async def run_compactor(
                 continue
             PIPELINE_DELTAS_COMPACTED.inc(result.compacted)
             PIPELINE_COMPACTION_LAST_SUCCESS.set(time.time())
+            deleted.count += result.compacted + result.discarded
+            if deleted.count >= VACUUM_AFTER_DELTAS:
+                await _vacuum_log(db, deleted, budget_s)
             if failures:
                 log.info(kv("pipeline_compaction_recovered", failed_calls=failures))
                 failures = 0
             if result.rebuild and (rebuilds is None or rebuilds.done()):
                 rebuilds = asyncio.create_task(
-                    _rebuild_tenants(db, result.rebuild, rebuild_budget_s),
+                    _rebuild_tenants(db, result.rebuild, rebuild_budget_s, deleted),
                     name="pipeline_rebuilds",
                 )
             # `more` with nothing done means the tenants left are all being
@@ -229,7 +241,34 @@ async def run_compactor(
         log.info(kv("pipeline_compactor_stopped"))
 
 
-async def _rebuild_tenants(db: Database, tenants: tuple[str, ...], budget_s: float) -> None:
+class DeletedDeltas:
+    """Deltas deleted since the log was last vacuumed (by this process)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+async def _vacuum_log(db: Database, deleted: DeletedDeltas, budget_s: float) -> None:
+    started = time.monotonic()
+    try:
+        ran = await db.vacuum(DELTA_LOG, Deadline.after(budget_s), cap_s=budget_s)
+    except Exception as exc:  # autovacuum will do it: compaction goes on
+        _record_failure(exc, 1, 0.0, event="pipeline_delta_log_vacuum_failed")
+        return
+    if ran:
+        log.info(
+            kv(
+                "pipeline_delta_log_vacuumed",
+                deleted_deltas=deleted.count,
+                elapsed_ms=round((time.monotonic() - started) * 1000),
+            )
+        )
+    deleted.count = 0
+
+
+async def _rebuild_tenants(
+    db: Database, tenants: tuple[str, ...], budget_s: float, deleted: DeletedDeltas
+) -> None:
     """Rebuild each tenant in turn; a failure is logged and the next one tried
     (compaction lists a tenant again while it still needs a rebuild)."""
     for tenant_id in tenants:
@@ -240,6 +279,7 @@ async def _rebuild_tenants(db: Database, tenants: tuple[str, ...], budget_s: flo
             PIPELINE_REBUILDS.labels("failed").inc()
             _record_failure(exc, 1, 0.0, event="pipeline_rebuild_failed", tenant=tenant_id)
             continue
+        deleted.count += result.forgotten
         outcome = "rebuilt" if result.rebuilt else "busy" if result.busy else "not_needed"
         PIPELINE_REBUILDS.labels(outcome).inc()
         log.info(

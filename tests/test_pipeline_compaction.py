@@ -21,6 +21,7 @@ import pytest
 import pytest_asyncio
 from prometheus_client import REGISTRY
 
+from crm_svc import compaction
 from crm_svc.compaction import (
     MAX_RETRY_S,
     READ_ONLY_RETRY_S,
@@ -497,3 +498,56 @@ async def test_on_a_read_only_database_the_compactor_says_what_to_do_and_looks_a
     assert f"retry_in_ms={round(READ_ONLY_RETRY_S * 1000)}" in failures[0]
     assert "CRM_PIPELINE_COMPACT_INTERVAL_S=0" in failures[0]
     assert pending_deltas(sql, tenant) == 1
+
+
+def vacuums_of_the_log(sql: psycopg.Connection[Any]) -> int:
+    row = sql.execute(
+        "SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = 'pipeline_deltas'"
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_the_log_can_be_vacuumed_where_the_transport_allows(
+    database: Database, sql: psycopg.Connection[Any], transport: str
+) -> None:
+    before = vacuums_of_the_log(sql)
+    ran = await database.vacuum("pipeline_deltas", Deadline.after(10), cap_s=10)
+    assert ran is (transport != "rest")  # PostgREST cannot run VACUUM
+    if ran:
+        await wait_until(lambda: vacuums_of_the_log(sql) > before, "the VACUUM counted")
+    else:
+        assert vacuums_of_the_log(sql) == before
+
+
+async def test_run_compactor_vacuums_the_log_once_many_deltas_are_gone(
+    database: Database,
+    sql: psycopg.Connection[Any],
+    tenant_with_backlog: str,
+    transport: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Dead entries of deleted deltas slow every read of their tenant until a
+    VACUUM: past a threshold (here 5) the compactor runs one itself."""
+    monkeypatch.setattr(compaction, "VACUUM_AFTER_DELTAS", 5)
+    caplog.set_level(logging.INFO, logger="crm_svc.compaction")
+    task = asyncio.create_task(
+        run_compactor(database, interval_s=0.05, max_deltas=100, budget_s=10.0)
+    )
+    try:
+        await wait_until(
+            lambda: pending_deltas(sql, tenant_with_backlog) == 0, "the backlog drained"
+        )
+        if transport != "rest":
+            await wait_until(
+                lambda: any(
+                    "pipeline_delta_log_vacuumed" in r.getMessage() for r in caplog.records
+                ),
+                "the compactor vacuumed the log",
+            )
+    finally:
+        task.cancel()
+        await asyncio.wait({task}, timeout=5)
+    assert not any("vacuum_failed" in r.getMessage() for r in caplog.records)
+    assert_exact_and_compacted(sql, tenant_with_backlog)

@@ -37,4 +37,9 @@ class Database(Protocol):
 
     async def ping(self, deadline: Deadline) -> None: ...
 
+    async def vacuum(self, table: str, deadline: Deadline, *, cap_s: float) -> bool:
+        """VACUUM one table now, skipping it if its lock is taken; False when
+        the transport cannot (autovacuum then does it in its own time)."""
+        ...
+
     async def close(self) -> None: ...

@@ -127,6 +127,11 @@ async def _check_if_idle(conn: _TrackedConnection) -> None:
 _PING = _with_timeouts(sql.SQL("SELECT 1")).as_string(None)
 
 
+@functools.lru_cache(maxsize=16)
+def _vacuum_query(table: str) -> str:
+    return sql.SQL("VACUUM (SKIP_LOCKED) {}").format(sql.Identifier(table)).as_string(None)
+
+
 @functools.lru_cache(maxsize=256)
 def _call_query(function: str, names: tuple[str, ...]) -> str:
     """`SELECT function(name => %(name)s, ...)` preceded by the transaction-local
@@ -203,6 +208,14 @@ class PostgresDatabase:
             query, args, deadline, cap_s=cap_s, operation=function, tenant_id=tenant_id
         )
 
+    async def vacuum(self, table: str, deadline: Deadline, *, cap_s: float) -> bool:
+        """VACUUM (SKIP_LOCKED) one table: it never waits for a lock. VACUUM
+        cannot run in a transaction, so it goes alone, bounded on the client
+        side only (a cancel request at the deadline)."""
+        query = _vacuum_query(table)
+        await self._run(query, None, deadline, cap_s=cap_s, operation=f"vacuum {table}")
+        return True
+
     async def _acquire(self, ends_at: float, operation: str) -> _TrackedConnection:
         """A pooled connection before `ends_at`; fail fast while the database is down.
 
@@ -248,7 +261,7 @@ class PostgresDatabase:
     async def _run(
         self,
         query: str,
-        args: Mapping[str, Any],
+        args: Mapping[str, Any] | None,
         deadline: Deadline,
         *,
         cap_s: float,
@@ -280,7 +293,7 @@ class PostgresDatabase:
     async def _run_bounded(
         self,
         query: str,
-        args: Mapping[str, Any],
+        args: Mapping[str, Any] | None,
         budget: float,
         give_up_at: float,
         operation: str,
@@ -292,7 +305,8 @@ class PostgresDatabase:
         the statement to end. Behind a pooler a statement still queued for a
         server connection ends only when one is free, so CANCEL_WAIT_S later a
         second cancellation makes psycopg close the connection instead: the
-        call answers in time either way.
+        call answers in time either way. With `args` None the query is sent
+        as it is (no timeouts to set) and returns nothing.
         """
         ends_at = time.monotonic() + budget
         conn: _TrackedConnection | None = None
@@ -311,9 +325,13 @@ class PostgresDatabase:
                             metadata={"operation": operation},
                         )
                     cursor = psycopg.AsyncClientCursor(conn)
-                    await cursor.execute(query, {**args, _TIMEOUT_MS: str(left_ms)})
-                    cursor.nextset()
-                    row = await cursor.fetchone()
+                    if args is None:
+                        await cursor.execute(query)
+                        row = None
+                    else:
+                        await cursor.execute(query, {**args, _TIMEOUT_MS: str(left_ms)})
+                        cursor.nextset()
+                        row = await cursor.fetchone()
             finally:
                 # Outside the timeouts, so that they cannot interrupt it.
                 if conn is not None:

@@ -116,6 +116,11 @@ class SupabaseRestDatabase:
     async def close(self) -> None:
         await self._http.aclose()
 
+    async def vacuum(self, table: str, deadline: Deadline, *, cap_s: float) -> bool:
+        """PostgREST cannot run VACUUM (not a function, not in a transaction):
+        autovacuum does it."""
+        return False
+
     async def ping(self, deadline: Deadline) -> None:
         budget = deadline.budget(2.0, "ping")
         try:

@@ -101,7 +101,9 @@ CREATE TABLE pipeline_stage_values (
 -- their own. Keyed by email key ('' for clients without one, and for marks),
 -- so a compaction batch is a key range. Ids come from a cached sequence: a
 -- bulk statement would otherwise spend half its logging cost in nextval.
--- Emptied as fast as it fills: vacuum it early.
+-- Emptied as fast as it fills: vacuum it early, and never truncate it (that
+-- takes a lock every writer and reader of the log would queue behind, and
+-- the pages are soon needed again).
 CREATE TABLE pipeline_deltas (
     tenant_id     text NOT NULL,
     email_key     text NOT NULL DEFAULT '',
@@ -114,7 +116,8 @@ CREATE TABLE pipeline_deltas (
     PRIMARY KEY (tenant_id, email_key, id),
     CHECK (stage IS NULL OR currency IS NULL),
     CHECK (currency IS NULL OR email_key <> '')
-) WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 2000);
+) WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 2000,
+        vacuum_truncate = false);
 
 -- How many of a tenant's deltas are worth folding: beyond this many, reading
 -- the tenant through a full recomputation (and rebuilding it) costs less than

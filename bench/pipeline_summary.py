@@ -4,16 +4,16 @@ For one tenant of 1k, 100k and 1M clients (two quotes per client; a 200k-client
 noise tenant and the other sizes share the tables), measured in one run:
 
 - `sql` (the floor): `SELECT pipeline_summary(tenant)` with psycopg; it reads
-  the trigger-maintained aggregates (issue 6);
+  the trigger-maintained aggregates (docs/pipeline.md);
 - `grpc`: `crm.v1.CrmService/PipelineSummary` against a real `python -m crm_svc`
   subprocess (auth, deadline, pool, transaction, proto conversion included);
 - `grpc_rest`: the same against a second `crm_svc` on the Supabase REST
   transport, talking to the PostgREST-protocol stand-in (a thread of this
   process; PostgREST itself cannot be installed here);
 - `recompute`: `SELECT pipeline_summary_recompute(tenant)`, the full scan the
-  aggregates replace (what `pipeline_summary` was before issue 6);
+  aggregates replace, which a summary falls back to when it is cheaper;
 - `naive`: what the service replaces: fetch the tenant's clients and quotes
-  with psycopg and aggregate in Python (design §6 semantics, Decimal).
+  with psycopg and aggregate in Python (the same semantics, Decimal).
 
 Once per size all answers are compared and must agree exactly. The methods
 are a list (`Contenders.methods`): a new one is one entry there.
@@ -544,7 +544,7 @@ def aggregate_in_python(
     clients: Iterable[tuple[str, str | None]],
     quotes: Iterable[tuple[str | None, Decimal | None, str]],
 ) -> Summary:
-    """Design §6 over fetched rows: the work the SQL function does in the database.
+    """The summary over fetched rows: the work the SQL function does in the database.
 
     Written the way a careful engineer would (quotes summed per address once,
     then one dict lookup per client), so the comparison is with a fair naive

@@ -1,4 +1,4 @@
-"""Write throughput with and without the pipeline aggregate triggers (issue 6).
+"""Write throughput with and without the pipeline aggregate triggers (docs/pipeline.md).
 
 Client and quote inserts and updates through psycopg, the way the application
 writes (prepared statements, one connection per writer):

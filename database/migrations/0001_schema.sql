@@ -1,4 +1,4 @@
--- The CRM schema (design §5). Every tenant-owned table has tenant_id first in
+-- The CRM schema (docs/design.md, "Schema and semantics"). Every tenant-owned table has tenant_id first in
 -- its primary key and in every foreign key between tenant-owned tables, so
 -- the schema can be distributed by tenant (Citus) unchanged.
 

@@ -121,8 +121,10 @@ CREATE TABLE pipeline_deltas (
 
 -- How many of a tenant's deltas are worth folding: beyond this many, reading
 -- the tenant through a full recomputation (and rebuilding it) costs less than
--- folding them. Folding costs about ten times more per delta than the scan
--- does per client. The floor keeps small statements on small tenants logging
+-- folding them. Folding a delta is two index probes: about ten times what the
+-- scan spends per client with a warm cache, fifty times and more while a bulk
+-- load keeps the cache cold and the visibility map unset (a fold of a tenth
+-- of a 1M-client tenant then took over 10 s). Hence a fiftieth. The floor keeps small statements on small tenants logging
 -- deltas (a rebuild of a small tenant is cheap, but a mark sends every read of
 -- it through the scan until then); it is the setting
 -- crm_pipeline.min_fold_limit (default 1000), so that tests can reach the bulk
@@ -135,7 +137,7 @@ CREATE FUNCTION pipeline_fold_limit(p_tenant_id text) RETURNS bigint
 LANGUAGE sql STABLE
 RETURN greatest(
     public.pipeline_min_fold_limit(),
-    (SELECT coalesce(sum(s.clients), 0) / 10
+    (SELECT coalesce(sum(s.clients), 0) / 50
      FROM public.pipeline_stage_clients s WHERE s.tenant_id = p_tenant_id));
 
 -- True when the tenant's aggregates plus its visible deltas are not the

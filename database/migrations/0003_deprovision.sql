@@ -1,4 +1,4 @@
--- Deprovisioning a tenant (design §7, issue 3): the job's lease, the log of
+-- Deprovisioning a tenant (docs/design.md, "Deprovisioning"): the job's lease, the log of
 -- requests that drove each job, and the SQL functions the provisioning
 -- service calls. Each function is one transaction (one Database.call).
 --

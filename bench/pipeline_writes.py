@@ -68,13 +68,10 @@ from bench.common import (
 )
 
 BENCH_DB = "crm_bench_writes"
-TRIGGERS = (
-    ("clients", "pipeline_track_insert"),
-    ("clients", "pipeline_track_update"),
-    ("clients", "pipeline_track_delete"),
-    ("quotes", "pipeline_track_insert"),
-    ("quotes", "pipeline_track_update"),
-    ("quotes", "pipeline_track_delete"),
+TRIGGERS = tuple(
+    (table, f"pipeline_track_{table}_{event}")
+    for table in ("clients", "quotes")
+    for event in ("insert", "update", "delete")
 )
 MODES = ("off", "on")
 STAGES = ("QUOTED", "NEGOTIATING", "BOOKED", "PAID", "TRAVELLED", "LOST")

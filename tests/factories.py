@@ -25,13 +25,15 @@ def create_tenant(
     status: str = "active",
     sendgrid_username: str | None = None,
 ) -> None:
-    conn.execute(
-        "INSERT INTO tenants (id, name, status) VALUES (%s, %s, %s)", (tenant_id, tenant_id, status)
-    )
+    """A tenant and its settings row, then `status` (a tenant being
+    deprovisioned accepts no new rows, its settings included)."""
+    conn.execute("INSERT INTO tenants (id, name) VALUES (%s, %s)", (tenant_id, tenant_id))
     conn.execute(
         "INSERT INTO tenant_settings (tenant_id, sendgrid_username) VALUES (%s, %s)",
         (tenant_id, sendgrid_username),
     )
+    if status != "active":
+        conn.execute("UPDATE tenants SET status = %s WHERE id = %s", (status, tenant_id))
 
 
 def add_clients(

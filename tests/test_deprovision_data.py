@@ -4,6 +4,7 @@ and the catalog-driven table list (tables added later go too)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -59,7 +60,7 @@ async def test_deadline_cuts_row_deletion_part_way_and_repeated_calls_finish(
 ) -> None:
     # Large enough that a 0.5 s call cannot finish it; each call over the REST
     # stand-in deletes far less (an HTTP round trip per batch), so it gets fewer.
-    clients = 25_000 if transport in ("postgres", "pooled") else 6_000
+    clients = 25_000 if transport in ("postgres", "pooled") else 12_000
     async with provisioning_server(
         database, tokens, sendgrid, tmp_path, max_batch_rows=2000
     ) as provisioning:
@@ -214,10 +215,43 @@ def later_tables(database_url: str) -> Iterator[None]:
                 FOREIGN KEY (tenant_id, referred_by) REFERENCES later_referrals (tenant_id, id));
             """
         )
+        for table in ("later_bookings", "later_booking_notes", "later_referrals"):
+            conn.execute("SELECT tenant_write_guard_attach(%s, 'tenant_id')", (table,))
         try:
             yield
         finally:
             conn.execute("DROP TABLE later_booking_notes, later_bookings, later_referrals")
+
+
+async def test_a_tenant_table_without_the_write_guard_is_refused_before_anything_is_touched(
+    provisioning: Provisioning, sql: psycopg.Connection[Any], database_url: str
+) -> None:
+    tenant = unique_tenant("unguarded")
+    seed_tenant(sql, tenant, clients=1)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE later_unguarded (tenant_id text NOT NULL REFERENCES tenants (id),"
+            " id bigint, PRIMARY KEY (tenant_id, id))"
+        )
+        try:
+            for validate_only in (True, False):
+                failure = await provisioning.failure(tenant, validate_only=validate_only)
+                assert failure.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert error_info(failure).reason == "TENANT_TABLE_UNGUARDED"
+                assert "later_unguarded" in (failure.details() or "")
+            assert remaining_rows(sql, tenant)["clients"] == 1
+            status = sql.execute("SELECT status FROM tenants WHERE id = %s", (tenant,)).fetchone()
+            assert status == ("active",)
+        finally:
+            conn.execute("DROP TABLE later_unguarded")
+
+
+def test_every_table_that_references_tenants_has_the_write_guard(
+    sql: psycopg.Connection[Any],
+) -> None:
+    rows = sql.execute("SELECT rel::text, guarded FROM tenant_write_guard_coverage()").fetchall()
+    assert {"clients", "quotes", "invoices", "activities", "notifications"} <= {r[0] for r in rows}
+    assert [r for r in rows if not r[1]] == []
 
 
 def test_delete_order_puts_every_child_before_its_parent(
@@ -283,13 +317,23 @@ def claim(sql: psycopg.Connection[Any], tenant: str, owner: uuid.UUID, lease_s: 
     return row[0]
 
 
-def test_rows_written_during_deprovisioning_are_swept_at_the_end(
-    sql: psycopg.Connection[Any],
-) -> None:
+def test_a_writer_that_ignores_the_mark_is_refused(sql: psycopg.Connection[Any]) -> None:
+    """Once the tenant is marked, no row of it can be written (the write
+    guard); deleting stays allowed, and the job finishes with what it found."""
     tenant = unique_tenant("late")
     seed_tenant(sql, tenant, clients=2)
     owner = uuid.uuid4()
     job = claim(sql, tenant, owner, 30)["job"]["id"]
+    for statement in (
+        "INSERT INTO clients (tenant_id, email) VALUES (%s, 'late@x.io')",
+        "UPDATE clients SET name = 'renamed' WHERE tenant_id = %s",
+        "INSERT INTO notifications (tenant_id, message) VALUES (%s, 'late')",
+    ):
+        with pytest.raises(psycopg.Error) as refused:
+            sql.execute(statement, (tenant,))
+        assert refused.value.sqlstate == "CRM01"
+        assert tenant in str(refused.value)
+        assert refused.value.diag.message_hint == "TENANT_DEPROVISIONING"
     while True:
         (batch,) = sql.execute(
             "SELECT deprovision_delete_batch(%s, %s, 3)", (job, owner)
@@ -301,16 +345,70 @@ def test_rows_written_during_deprovisioning_are_swept_at_the_end(
             "SELECT deprovision_record_step(%s, %s, %s, 'ALREADY_ABSENT', 'none')",
             (job, owner, step),
         )
-    # A writer that ignored the mark.
-    sql.execute("INSERT INTO clients (tenant_id, email) VALUES (%s, 'late@x.io')", (tenant,))
-
     (document,) = sql.execute("SELECT deprovision_finish(%s, %s)", (job, owner)).fetchone() or (
         None,
     )
-
     assert document["state"] == "COMPLETED"
-    assert document["steps"]["TENANT_DATA"]["rows"]["clients"] == 3
-    assert "swept at the end" in document["steps"]["TENANT_DATA"]["detail"]
+    assert document["steps"]["TENANT_DATA"]["rows"]["clients"] == 2
+    assert remaining_rows(sql, tenant) == {}
+
+
+async def test_a_writer_during_a_real_deprovisioning_sees_only_the_guard(
+    provisioning: Provisioning, sql: psycopg.Connection[Any], database_url: str
+) -> None:
+    """A writer keeps inserting clients and quotes (one per transaction, and
+    several per transaction) while the tenant is deprovisioned: after COMPLETED
+    no row of the tenant exists anywhere, and the only error it saw until the
+    tenant was gone is the guard's."""
+    tenant = unique_tenant("racing")
+    seed_tenant(sql, tenant, clients=2000)
+    stop = threading.Event()
+    errors: list[str] = []
+    written = 0
+
+    def write() -> None:
+        nonlocal written
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                try:
+                    if n % 2:
+                        conn.execute(
+                            "INSERT INTO clients (tenant_id, email) VALUES (%s, %s)",
+                            (tenant, f"w{n}@x.io"),
+                        )
+                    else:
+                        with conn.transaction():
+                            conn.execute(
+                                "INSERT INTO clients (tenant_id, email) VALUES (%s, %s)",
+                                (tenant, f"w{n}@x.io"),
+                            )
+                            conn.execute(
+                                "INSERT INTO quotes (tenant_id, customer_email, total_price,"
+                                " currency) VALUES (%s, %s, 1.00, 'EUR')",
+                                (tenant, f"w{n}@x.io"),
+                            )
+                    written += 1
+                except psycopg.Error as exc:
+                    errors.append(exc.sqlstate or repr(exc))
+                    time.sleep(0.001)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        await asyncio.sleep(0.3)  # the writer is writing before the mark
+        reply = await provisioning.deprovision(tenant, deadline_s=30)
+        await asyncio.sleep(0.3)  # and keeps trying after COMPLETED
+    finally:
+        stop.set()
+        writer.join(timeout=10)
+    assert reply.state == pb.JOB_STATE_COMPLETED
+    assert written > 0 and "CRM01" in errors, (written, errors[:3])
+    # The guard's error until the tenant row is gone; then the foreign key's.
+    guarded = errors.index("23503") if "23503" in errors else len(errors)
+    assert set(errors[:guarded]) == {"CRM01"}
+    assert set(errors[guarded:]) <= {"23503"}
     assert remaining_rows(sql, tenant) == {}
 
 

@@ -276,10 +276,11 @@ def test_a_tenant_being_deprovisioned_is_not_maintained_and_can_be_removed(
     sql.execute("DELETE FROM quotes WHERE tenant_id = %s", (tenant,))
     sql.execute("DELETE FROM clients WHERE tenant_id = %s", (tenant,))
     assert pending_deltas(sql, tenant) == 0  # deleting its rows logs nothing
-    add_clients(sql, tenant, [("late@x.io", "QUOTED")])  # written despite the mark
-    assert pending_deltas(sql, tenant) == 1
+    with pytest.raises(psycopg.Error) as refused:  # the write guard
+        add_clients(sql, tenant, [("late@x.io", "QUOTED")])
+    assert refused.value.sqlstate == "CRM01"
     compact(sql)  # skips the tenant
-    assert pending_deltas(sql, tenant) == 1
+    assert pending_deltas(sql, tenant) == 0
     assert aggregate_rows(sql, tenant) == before
     # Every aggregate table and the log are tenant data for deprovisioning.
     assert {*AGGREGATE_TABLES, "pipeline_deltas"} <= tenant_tables(sql)
@@ -291,15 +292,22 @@ def test_a_tenant_being_deprovisioned_is_not_maintained_and_can_be_removed(
 
 
 def test_a_tenant_active_again_is_rebuilt(sql: psycopg.Connection[Any], tenant: str) -> None:
-    add_clients(sql, tenant, [("a@x.io", "QUOTED")])
-    add_quotes(sql, tenant, [("a@x.io", Decimal("3.00"), "EUR")])
+    """Deletes while it was being deprovisioned logged nothing: the rebuild
+    when it becomes active again counts them."""
+    add_clients(sql, tenant, [("a@x.io", "QUOTED"), ("A@x.io", "BOOKED")])
+    add_quotes(
+        sql, tenant, [("a@x.io", Decimal("3.00"), "EUR"), ("a@x.io", Decimal("1.50"), "EUR")]
+    )
+    compact(sql)
     sql.execute("UPDATE tenants SET status = 'deprovisioning' WHERE id = %s", (tenant,))
-    add_clients(sql, tenant, [("A@x.io", "BOOKED")])
-    add_quotes(sql, tenant, [("a@x.io", Decimal("1.50"), "EUR")])
+    sql.execute("DELETE FROM clients WHERE tenant_id = %s AND pipeline_stage = 'QUOTED'", (tenant,))
+    sql.execute("DELETE FROM quotes WHERE tenant_id = %s AND total_price = 3.00", (tenant,))
+    assert pending_deltas(sql, tenant) == 0
     sql.execute("UPDATE tenants SET status = 'active' WHERE id = %s", (tenant,))
     assert_exact(sql, tenant)
     aggregated, _ = summaries(sql, tenant)
-    assert stage(aggregated, "BOOKED")["value"] == [{"currency": "EUR", "amount": "4.50"}]
+    assert aggregated["total_clients"] == 1
+    assert stage(aggregated, "BOOKED")["value"] == [{"currency": "EUR", "amount": "1.50"}]
 
 
 def test_rebuild_of_one_tenant(sql: psycopg.Connection[Any], tenant: str) -> None:
@@ -425,8 +433,9 @@ def test_compaction_starves_no_tenant_and_skips_those_being_deprovisioned(
     compact(sql)
     leaving = [unique_tenant("leaving") for _ in range(3)]
     for tenant_id in leaving:
-        create_tenant(sql, tenant_id, status="deprovisioning")
-        add_clients(sql, tenant_id, [("late@x.io", "QUOTED")])  # logged all the same
+        create_tenant(sql, tenant_id)
+        add_clients(sql, tenant_id, [("late@x.io", "QUOTED")])  # pending when it leaves
+        sql.execute("UPDATE tenants SET status = 'deprovisioning' WHERE id = %s", (tenant_id,))
     quiet = unique_tenant("quiet")
     create_tenant(sql, quiet)
     add_clients(sql, quiet, [("q@x.io", "PAID")])

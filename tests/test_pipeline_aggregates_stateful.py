@@ -14,6 +14,7 @@ compaction the stored rows alone must.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any, ClassVar
 
@@ -90,22 +91,36 @@ class AggregatesMachine(RuleBasedStateMachine):
         self.clients = rows("clients")
         self.quotes = rows("quotes")
 
-    # Writes, each one statement (several rows where it says so).
+    # Writes, each one statement (several rows where it says so). A write to
+    # a tenant being deprovisioned must be refused by the write guard.
+
+    def write(self, tenants: Iterable[str], sql: str, params: Any) -> None:
+        if any(t in self.frozen for t in tenants):
+            with pytest.raises(psycopg.Error) as refused:
+                self.conn.execute(sql, params)
+            assert refused.value.sqlstate == "CRM01", refused.value
+            return
+        self.conn.execute(sql, params)
 
     def _insert_clients(self, conn: psycopg.Connection[Any], tenant: str, rows: list[Any]) -> None:
         values = ", ".join(["(%s, %s, %s)"] * len(rows))
         params = [v for email, stage in rows for v in (tenant, email, stage)]
-        conn.execute(
-            f"INSERT INTO clients (tenant_id, email, pipeline_stage) VALUES {values}", params
-        )
+        sql = f"INSERT INTO clients (tenant_id, email, pipeline_stage) VALUES {values}"
+        if conn is self.conn:
+            self.write([tenant], sql, params)
+        else:
+            conn.execute(sql, params)
 
     def _insert_quotes(self, conn: psycopg.Connection[Any], tenant: str, rows: list[Any]) -> None:
         values = ", ".join(["(%s, %s, %s, %s)"] * len(rows))
         params = [v for email, price, currency in rows for v in (tenant, email, price, currency)]
-        conn.execute(
-            f"INSERT INTO quotes (tenant_id, customer_email, total_price, currency) VALUES {values}",
-            params,
+        sql = (
+            f"INSERT INTO quotes (tenant_id, customer_email, total_price, currency) VALUES {values}"
         )
+        if conn is self.conn:
+            self.write([tenant], sql, params)
+        else:
+            conn.execute(sql, params)
 
     @rule(
         tenant=st.integers(0, 2),
@@ -126,7 +141,8 @@ class AggregatesMachine(RuleBasedStateMachine):
     def update_client(self, data: st.DataObject, change: tuple[str, Any]) -> None:
         tenant, client_id = data.draw(st.sampled_from(self.clients))
         column, value = change
-        self.conn.execute(
+        self.write(
+            [tenant],
             f"UPDATE clients SET {column} = %s WHERE tenant_id = %s AND id = %s",
             (value, tenant, client_id),
         )
@@ -135,7 +151,8 @@ class AggregatesMachine(RuleBasedStateMachine):
     @rule(data=st.data(), to_tenant=st.integers(0, 2))
     def move_client_to_another_tenant(self, data: st.DataObject, to_tenant: int) -> None:
         tenant, client_id = data.draw(st.sampled_from(self.clients))
-        self.conn.execute(
+        self.write(  # the guard checks where rows go: moving one out is allowed
+            [self.tenants[to_tenant]],
             "UPDATE clients SET tenant_id = %s WHERE tenant_id = %s AND id = %s",
             (self.tenants[to_tenant], tenant, client_id),
         )
@@ -145,7 +162,8 @@ class AggregatesMachine(RuleBasedStateMachine):
     def update_quote(self, data: st.DataObject, change: tuple[str, Any]) -> None:
         tenant, quote_id = data.draw(st.sampled_from(self.quotes))
         column, value = change
-        self.conn.execute(
+        self.write(
+            [tenant],
             f"UPDATE quotes SET {column} = %s WHERE tenant_id = %s AND id = %s",
             (value, tenant, quote_id),
         )
@@ -169,13 +187,18 @@ class AggregatesMachine(RuleBasedStateMachine):
         """One UPDATE of several rows (every other client of the tenant, by position)."""
         tenant_id = self.tenants[tenant]
         ids = [i for t, i in self.clients if t == tenant_id][parity::2]
-        self.conn.execute(
+        if not ids:
+            return  # an UPDATE of no rows is refused by nothing
+        self.write(
+            [tenant_id],
             "UPDATE clients SET pipeline_stage = %s WHERE tenant_id = %s AND id = ANY (%s)",
             (stage, tenant_id, ids),
         )
 
     @rule(tenant=st.integers(0, 2), delta=st.sampled_from(["1.00", "-0.01", "0.00"]))
     def reprice_all_quotes(self, tenant: int, delta: str) -> None:
+        if self.tenants[tenant] in self.frozen:
+            return  # refused or not depending on whether it has quotes left
         self.conn.execute(
             # Rows at the edge of numeric(14, 2) would overflow.
             "UPDATE quotes SET total_price = total_price + %s::numeric"
@@ -197,7 +220,8 @@ class AggregatesMachine(RuleBasedStateMachine):
         """Both tables' triggers fire in one statement (a data-modifying CTE)."""
         email, stage = client
         quote_email, price, currency = quote
-        self.conn.execute(
+        self.write(
+            [self.tenants[tenant]],
             "WITH c AS (INSERT INTO clients (tenant_id, email, pipeline_stage)"
             " VALUES (%(t)s, %(e)s, %(s)s) RETURNING id)"
             " INSERT INTO quotes (tenant_id, customer_email, total_price, currency)"
@@ -236,6 +260,8 @@ class AggregatesMachine(RuleBasedStateMachine):
         the transaction's own clients and quotes match): savepoints rolled back, a
         compaction in the middle (of its own deltas too), committed or not."""
         tenant_id = self.tenants[tenant]
+        if tenant_id in self.frozen:
+            return  # its writes are refused; the single-statement rules check that
         self.conn.autocommit = False
         try:
             savepoint = False

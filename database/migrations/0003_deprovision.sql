@@ -98,6 +98,7 @@ AS $$
 DECLARE
     v_cycle text;
 BEGIN
+    PERFORM tenant_write_guard_assert();
     SELECT string_agg(table_name, ', ') INTO v_cycle FROM deprovision_tables() WHERE in_cycle;
     IF v_cycle IS NOT NULL THEN
         RAISE EXCEPTION 'tenant tables form a foreign-key cycle: %', v_cycle
@@ -263,9 +264,11 @@ BEGIN
         END IF;
     END IF;
 
-    -- Serializes claims for one tenant (NO KEY: inserts referencing the
-    -- tenant are not blocked).
-    SELECT status INTO v_status FROM tenants WHERE id = p_tenant_id FOR NO KEY UPDATE;
+    -- Serializes claims for one tenant, and waits for the transactions that
+    -- wrote rows of it (their foreign key checks hold the row FOR KEY SHARE):
+    -- once the status below commits, no write to the tenant can succeed
+    -- (the write guard, 0006_tenant_write_guard.sql).
+    SELECT status INTO v_status FROM tenants WHERE id = p_tenant_id FOR UPDATE;
     IF NOT FOUND THEN
         SELECT * INTO v_job FROM deprovision_jobs
         WHERE tenant_id = p_tenant_id AND state = 'COMPLETED'

@@ -30,6 +30,8 @@ def error_from_sqlstate(
     metadata = {"operation": operation, "sqlstate": state}
     if state == "P0002":  # no_data_found
         return NotFound(message, reason=reason or "NOT_FOUND", metadata=metadata)
+    if state == "CRM01":  # the write guard: the tenant is being deprovisioned
+        return FailedPrecondition(message, reason="TENANT_DEPROVISIONING", metadata=metadata)
     if state == "55000":  # object_not_in_prerequisite_state
         return FailedPrecondition(message, reason=reason, metadata=metadata)
     if state == "55006":  # object_in_use: someone else holds the work

@@ -74,6 +74,12 @@ TRIGGERS = tuple(
     for event in ("insert", "update", "delete")
 )
 MODES = ("off", "on")
+# The write guard (0006_tenant_write_guard.sql), measured on its own.
+GUARD_TRIGGERS = tuple(
+    (table, f"tenant_write_guard_{event}")
+    for table in ("clients", "quotes")
+    for event in ("insert", "update")
+)
 STAGES = ("QUOTED", "NEGOTIATING", "BOOKED", "PAID", "TRAVELLED", "LOST")
 CURRENCIES = ("EUR", "USD", "GBP")
 BATCH_ROWS = 100
@@ -113,10 +119,33 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     )
 
 
-async def set_triggers(conn: psycopg.AsyncConnection[Any], enabled: bool) -> None:
+async def set_triggers(
+    conn: psycopg.AsyncConnection[Any],
+    enabled: bool,
+    triggers: tuple[tuple[str, str], ...] = TRIGGERS,
+) -> None:
     verb = "ENABLE" if enabled else "DISABLE"
-    for table, trigger in TRIGGERS:
+    for table, trigger in triggers:
         await conn.execute(f"ALTER TABLE {table} {verb} TRIGGER {trigger}")
+
+
+async def guard_rates(
+    conn: psycopg.AsyncConnection[Any], tenant: Tenant, rounds: int, ops: int
+) -> dict[str, dict[str, list[float]]]:
+    """Single-row writes with the write guard on and off (the pipeline
+    triggers on), alternating which goes first: {write: {mode: rates}}."""
+    rates: dict[str, dict[str, list[float]]] = {name: {"off": [], "on": []} for name in WRITES}
+    for round_index in range(rounds):
+        for mode in ("off", "on") if round_index % 2 == 0 else ("on", "off"):
+            await set_triggers(conn, mode == "on", GUARD_TRIGGERS)
+            await tenant.refresh(conn)
+            for i, (name, write) in enumerate(WRITES.items()):
+                rate = await timed_writes(
+                    conn, tenant, write, statements=ops, rows=1, seed=100 + round_index * 10 + i
+                )
+                rates[name][mode].append(rate)
+    await set_triggers(conn, True, GUARD_TRIGGERS)
+    return rates
 
 
 async def create_tenant(conn: psycopg.AsyncConnection[Any], tenant: str, clients: int) -> None:
@@ -673,6 +702,14 @@ async def run(args: argparse.Namespace) -> None:
                     f" lock waits {result.lock_wait_share:.0%}"
                 )
         await set_triggers(conn, True)
+        guard = await guard_rates(conn, tenants["on"], rounds + 1, ops)
+        say(
+            "writes: the write guard: "
+            + ", ".join(
+                f"{n} {statistics.median(r['off']) / statistics.median(r['on']):.2f}x"
+                for n, r in guard.items()
+            )
+        )
 
         # The timed writes must have left exact aggregates behind, whether or
         # not the deltas have been compacted yet: leave some pending (the
@@ -697,6 +734,7 @@ async def run(args: argparse.Namespace) -> None:
         say("writes: aggregates vs recomputation: " + "; ".join(c.describe() for c in checks))
 
     assert bulk_compaction is not None
+    report_guard(guard, rounds + 1, ops)
     report(
         single,
         batch,
@@ -767,6 +805,28 @@ def _compaction_row(label: str, runs: list[Compaction]) -> list[str]:
         _fmt_rate(drain_rate) if drain_rate else "-",
         f"{_median(cpu):.2f}" if cpu else "-",
     ]
+
+
+def report_guard(guard: dict[str, dict[str, list[float]]], rounds: int, ops: int) -> None:
+    print()
+    print("## The write guard")
+    print()
+    print(
+        f"Single-row writes to an active tenant, {ops:,} per write, mode and round, {rounds}"
+        " rounds alternating which mode goes first, the pipeline triggers on in both: the"
+        " guard's two triggers per table (`tenant_write_guard_*`) enabled or disabled."
+        " Medians of the rounds."
+    )
+    print()
+    rows = []
+    for name, rates in guard.items():
+        off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
+        rows.append([name, _fmt_rate(off), _fmt_rate(on), f"{off / on:.2f}x"])
+    print(
+        markdown_table(
+            ["write", "guard off rows/s", "guard on rows/s", "slowdown"], rows, right=(1, 2, 3)
+        )
+    )
 
 
 def report(

@@ -262,7 +262,7 @@ def directory_tree(path: Path) -> list[tuple[str, str]]:
 
 
 def _rows_deleted(response: provisioning_pb2.DeprovisionResponse) -> int:
-    return sum(sum(step.rows.values()) for step in response.steps)
+    return sum(sum(step.rows.values()) + sum(step.derived_rows.values()) for step in response.steps)
 
 
 def _partial(error: grpc.aio.AioRpcError) -> provisioning_pb2.DeprovisionResponse | None:

@@ -127,7 +127,9 @@ class StepResult:
     step: Step
     outcome: Outcome
     detail: str = ""
+    # The tenant's own data, and our rows derived from it: table -> rows.
     rows: Mapping[str, int] = field(default_factory=dict)
+    derived_rows: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -161,7 +163,8 @@ class Job:
                     step=Step(name),
                     outcome=Outcome(entry["outcome"]),
                     detail=str(entry.get("detail") or ""),
-                    rows={str(k): int(v) for k, v in (entry.get("rows") or {}).items()},
+                    rows=_counts(entry.get("rows")),
+                    derived_rows=_counts(entry.get("derived_rows")),
                 )
                 for name, entry in document["steps"].items()
             }
@@ -186,8 +189,8 @@ class Job:
 
     def failed_at(self, step: Step, detail: str) -> Job:
         """This job with `step` failed, for when the database could not record it."""
-        rows = self.steps[step].rows if step in self.steps else {}
-        steps = {**self.steps, step: StepResult(step, Outcome.FAILED, detail, rows)}
+        before = self.steps.get(step, StepResult(step, Outcome.FAILED))
+        steps = {**self.steps, step: replace(before, outcome=Outcome.FAILED, detail=detail)}
         return replace(self, state=JobState.FAILED, steps=steps)
 
     def result(self) -> DeprovisionResult:
@@ -203,6 +206,11 @@ class Job:
             started_at=self.started_at,
             finished_at=self.finished_at,
         )
+
+
+def _counts(value: Any) -> dict[str, int]:
+    """A {table: rows} map of a job document (absent: empty)."""
+    return {str(k): int(v) for k, v in (value or {}).items()}
 
 
 def parse_request_id(value: str) -> uuid.UUID:
@@ -531,7 +539,8 @@ class Deprovisioner:
             return _missing(tenant_id, allow_missing, validate_only=True)
         open_job = Job.parse(plan["open_job"]) if plan.get("open_job") else None
         name: str | None = plan.get("sendgrid_username")
-        rows = {str(k): int(v) for k, v in plan["rows"].items()}
+        rows = _counts(plan["rows"])
+        derived_rows = _counts(plan["derived_rows"])
 
         if name is None:
             subuser = (Outcome.ALREADY_ABSENT, "the tenant has no SendGrid subuser")
@@ -554,8 +563,10 @@ class Deprovisioner:
             Step.TENANT_DATA: StepResult(
                 Step.TENANT_DATA,
                 Outcome.WOULD_DELETE,
-                f"would delete {sum(rows.values())} rows",
+                f"would delete {sum(rows.values())} rows of the tenant's data"
+                f" and {sum(derived_rows.values())} derived rows",
                 rows,
+                derived_rows,
             ),
             Step.CONFIG_DIRECTORY: (
                 StepResult(Step.CONFIG_DIRECTORY, Outcome.WOULD_DELETE, f"would remove {path}")

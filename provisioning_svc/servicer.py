@@ -98,6 +98,7 @@ def to_response(result: DeprovisionResult) -> provisioning_pb2.DeprovisionRespon
                 outcome=provisioning_pb2.StepOutcome.Value(f"STEP_OUTCOME_{s.outcome.value}"),
                 detail=s.detail,
                 rows=dict(s.rows),
+                derived_rows=dict(s.derived_rows),
             )
             for s in result.steps
         ],

@@ -13,7 +13,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -269,6 +269,22 @@ async def provisioning(
 
 
 # -- data -------------------------------------------------------------------
+
+# Our tables derived from the tenant's data (docs/pipeline.md): a deprovisioning
+# reports their rows apart from the tenant's own.
+DERIVED_TABLES = frozenset({"pipeline_deltas", "pipeline_stage_clients", "pipeline_stage_values"})
+
+
+def split_rows(counts: Mapping[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+    """(the tenant's own data, our derived rows) of a {table: rows} map."""
+    own = {t: n for t, n in counts.items() if t not in DERIVED_TABLES}
+    derived = {t: n for t, n in counts.items() if t in DERIVED_TABLES}
+    return own, derived
+
+
+def reported_rows(step: provisioning_pb2.StepResult) -> tuple[dict[str, int], dict[str, int]]:
+    """A step's (rows, derived_rows)."""
+    return dict(step.rows), dict(step.derived_rows)
 
 
 def seed_tenant(

@@ -29,6 +29,7 @@ from tests.conftest import (
 )
 from tests.factories import unique_tenant
 from tests.provisioning_fixtures import (
+    DERIVED_TABLES,
     SENDGRID_KEY,
     FakeReply,
     Provisioning,
@@ -36,8 +37,10 @@ from tests.provisioning_fixtures import (
     make_config_directory,
     partial_response,
     remaining_rows,
+    reported_rows,
     seed_tenant,
     snapshot_except,
+    split_rows,
     tenant_data,
     tenant_status,
     tree,
@@ -101,7 +104,7 @@ async def test_full_deprovision_removes_everything_of_the_tenant_and_nothing_els
     assert reply.tenant_id == tenant
     assert uuid.UUID(reply.job_id)
     assert outcomes(reply) == {s: pb.STEP_OUTCOME_DONE for s in STEPS}
-    assert dict(step(reply, pb.STEP_TENANT_DATA).rows) == expected_rows
+    assert reported_rows(step(reply, pb.STEP_TENANT_DATA)) == split_rows(expected_rows)
     assert dict(step(reply, pb.STEP_TENANT_RECORD).rows) == {"tenants": 1}
     assert reply.started_at.ToDatetime() <= reply.finished_at.ToDatetime()
     # The tenant: no row anywhere, directory gone, subuser deleted exactly once.
@@ -195,7 +198,7 @@ async def test_dry_run_reports_what_would_go_and_changes_nothing(
     assert reply.validate_only
     assert reply.job_id == ""
     assert outcomes(reply) == {s: pb.STEP_OUTCOME_WOULD_DELETE for s in STEPS}
-    assert dict(step(reply, pb.STEP_TENANT_DATA).rows) == expected_rows
+    assert reported_rows(step(reply, pb.STEP_TENANT_DATA)) == split_rows(expected_rows)
     assert dict(step(reply, pb.STEP_TENANT_RECORD).rows) == {"tenants": 1}
     assert "dry-mail" in step(reply, pb.STEP_SENDGRID_SUBUSER).detail
     assert snapshot_except(sql, "no-tenant-excluded") == everything
@@ -217,7 +220,7 @@ async def test_dry_run_of_a_tenant_without_subuser_or_directory(
         pb.STEP_CONFIG_DIRECTORY: pb.STEP_OUTCOME_ALREADY_ABSENT,
         pb.STEP_TENANT_RECORD: pb.STEP_OUTCOME_WOULD_DELETE,
     }
-    assert dict(step(reply, pb.STEP_TENANT_DATA).rows) == expected
+    assert reported_rows(step(reply, pb.STEP_TENANT_DATA)) == split_rows(expected)
     assert {table for table, rows in expected.items() if rows} == {"tenant_settings"}
 
 
@@ -252,6 +255,7 @@ async def test_tenant_without_subuser_directory_or_rows(
         pb.STEP_TENANT_RECORD: pb.STEP_OUTCOME_DONE,
     }
     assert set(step(reply, pb.STEP_TENANT_DATA).rows.values()) == {0}
+    assert dict(step(reply, pb.STEP_TENANT_DATA).derived_rows) == dict.fromkeys(DERIVED_TABLES, 0)
     assert remaining_rows(sql, tenant) == {}
     assert provisioning.sendgrid.requests == []
 

@@ -181,19 +181,25 @@ async def test_readme_deprovision_commands_dry_run_then_real(
         steps = {s["step"]: s for s in plan["steps"]}
         assert steps["STEP_TENANT_DATA"]["outcome"] == "STEP_OUTCOME_WOULD_DELETE"
         # The seed's initech-voyages: 2 clients, 2 quotes, an activity per client;
-        # their pipeline aggregates (the seed compacts its deltas): 2 stages, each
-        # with a GBP value; nothing left in the delta log.
-        assert steps["STEP_TENANT_DATA"]["rows"] == {
+        # apart from them, their pipeline aggregates (the seed compacts its deltas):
+        # 2 stages, each with a GBP value; nothing left in the delta log.
+        data = steps["STEP_TENANT_DATA"]
+        assert data["rows"] == {
             "activities": "2",
             "clients": "2",
             "invoices": "0",
             "notifications": "1",
             "quotes": "2",
             "tenant_settings": "1",
+        }
+        assert data["derived_rows"] == {
             "pipeline_deltas": "0",
             "pipeline_stage_clients": "2",
             "pipeline_stage_values": "2",
         }
+        # The tenant's data reads first.
+        assert list(data) == ["step", "outcome", "detail", "rows", "derived_rows"]
+        assert data["detail"] == "would delete 8 rows of the tenant's data and 4 derived rows"
         assert (provisioning.tenant_config_root / "initech-voyages").is_dir()
 
         code, out, err = await run(real, address, **kwargs)

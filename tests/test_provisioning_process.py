@@ -19,7 +19,7 @@ from shared.auth import SCOPE_TENANTS_DELETE, token_sha256
 from shared.proto_gen.provisioning.v1 import provisioning_pb2 as pb
 from shared.proto_gen.provisioning.v1 import provisioning_pb2_grpc
 from tests.factories import unique_tenant
-from tests.provisioning_fixtures import remaining_rows, seed_tenant
+from tests.provisioning_fixtures import remaining_rows, reported_rows, seed_tenant, split_rows
 from tests.rpc import bearer, error_info
 from tests.test_service_process import Service, kill_if_running, start_service_process
 
@@ -72,7 +72,7 @@ async def test_the_service_process_deprovisions_in_dev_mode(
         await service.stop()
     log = "".join(service.log)
     assert dry.state == pb.JOB_STATE_VALIDATED
-    assert dict(dry.steps[2].rows) == rows
+    assert reported_rows(dry.steps[2]) == split_rows(rows)
     assert done.state == pb.JOB_STATE_COMPLETED
     assert done.steps[1].outcome == pb.STEP_OUTCOME_SKIPPED
     assert remaining_rows(sql, tenant) == {}

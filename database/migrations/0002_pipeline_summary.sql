@@ -993,3 +993,10 @@ CREATE TRIGGER pipeline_tenant_status_changed AFTER UPDATE OF status ON tenants
     FOR EACH ROW
     WHEN (OLD.status IS DISTINCT FROM NEW.status)
     EXECUTE FUNCTION pipeline_tenant_status_changed();
+
+-- Our rows computed from the tenant's data: deprovisioning deletes them with
+-- the tenant and reports them apart from its own (deprovision_tables in 0003).
+-- The log has no foreign key to tenants, so it names its tenant column.
+COMMENT ON TABLE pipeline_stage_clients IS '@deprovision derived';
+COMMENT ON TABLE pipeline_stage_values IS '@deprovision derived';
+COMMENT ON TABLE pipeline_deltas IS '@deprovision derived tenant_column=tenant_id';

@@ -15,8 +15,10 @@ ALTER TABLE deprovision_jobs
     ADD COLUMN lease_expires_at timestamptz,
     ALTER COLUMN steps SET DEFAULT '{}';
 
--- steps: step name -> {outcome, detail, rows, at}, e.g.
--- {"TENANT_DATA": {"outcome": "DONE", "detail": "...", "rows": {"clients": 12}, "at": "..."}}
+-- steps: step name -> {outcome, detail, rows, derived_rows, at}, e.g.
+-- {"TENANT_DATA": {"outcome": "DONE", "detail": "...", "rows": {"clients": 12},
+--                  "derived_rows": {"pipeline_stage_clients": 3}, "at": "..."}}
+-- rows counts the tenant's own data, derived_rows our rows computed from it.
 UPDATE deprovision_jobs SET steps = '{}' WHERE steps = '[]';
 ALTER TABLE deprovision_jobs
     ADD CONSTRAINT deprovision_jobs_steps_object CHECK (jsonb_typeof(steps) = 'object');
@@ -24,6 +26,9 @@ ALTER TABLE deprovision_jobs
 -- At most one unfinished job per tenant: another request resumes it.
 CREATE UNIQUE INDEX deprovision_jobs_one_open_per_tenant
     ON deprovision_jobs (tenant_id) WHERE state IN ('RUNNING', 'FAILED');
+
+-- The audit trail outlives the tenant: not the tenant's data (deprovision_tables).
+COMMENT ON TABLE deprovision_jobs IS '@deprovision keep';
 
 -- Every request id that drove a job, with its caller (audit; idempotency).
 -- No tenant_id column on purpose: tables with one are the tenant's data.
@@ -38,36 +43,197 @@ INSERT INTO deprovision_requests (request_id, job_id, actor, received_at)
 SELECT request_id, id, actor, started_at FROM deprovision_jobs;
 
 
--- The tables a tenant owns: every table of this schema with a tenant_id
--- column, except tenants itself and the audit table. Discovered from the
--- catalog so that tables added later are deprovisioned too.
+-- The tables a tenant owns, found from the catalog so that tables added later
+-- are deprovisioned too (README, "Deprovisioning"). A table of this schema is
+-- the tenant's when each of its rows can be attributed to one tenant:
+--   * by a tenant column of its own: one with a foreign key to tenants(id),
+--     whatever its name; one that a foreign key maps onto a tenant column of
+--     the referenced table (quotes.tenant_id through (tenant_id, client_id) ->
+--     clients); or one its table comment declares (see the markers below);
+--   * else through exactly one chain of foreign keys to a table that has one
+--     (a grandchild: its parent's key, then the parent's tenant column).
+-- Refused (refusal is set; deprovision_assert_tables raises before anything
+-- is touched): two different tenant columns, or several chains (a row could
+-- belong to two tenants: which rows go would be a guess); a column whose name
+-- says tenant with no attribution at all; an unknown marker.
+--
+-- Markers, a line of the table's COMMENT (a table opts in where it is created):
+--   @deprovision derived            our rows computed from the tenant's data
+--                                   (e.g. the pipeline aggregates), reported
+--                                   apart from the tenant's own data
+--   @deprovision keep               not the tenant's, never deleted (the audit)
+--   @deprovision tenant_column=col  col holds the tenant id, without a foreign key
+--
+-- tenant_predicate: a condition on the table aliased t, with the tenant id as
+-- $1 (a chain is nested EXISTS on the parents' keys, each an index probe when
+-- the foreign key's columns are indexed); tenant_path says the same for people.
 -- delete_order: 0 for tables no other owned table references, else one more
 -- than the highest of the tables referencing it, so ascending order deletes
 -- children before parents. A table on a foreign-key cycle reaches
 -- delete_order >= the number of tables (in_cycle).
 CREATE FUNCTION deprovision_tables()
 RETURNS TABLE (rel regclass, table_name text, delete_order int, self_referencing boolean,
-               in_cycle boolean)
+               in_cycle boolean, derived boolean, tenant_path text, tenant_predicate text,
+               refusal text)
 LANGUAGE sql STABLE
 SET search_path = public, pg_temp
 AS $$
-    WITH RECURSIVE owned AS (
+    WITH RECURSIVE
+    candidates AS (
         SELECT c.oid, c.relname::text AS name
         FROM pg_class c
-        JOIN pg_attribute a
-          ON a.attrelid = c.oid AND a.attname = 'tenant_id' AND NOT a.attisdropped
         WHERE c.relnamespace = 'public'::regnamespace
           AND c.relkind IN ('r', 'p')
           AND NOT c.relispartition
-          AND c.relname NOT IN ('tenants', 'deprovision_jobs')
+          AND c.oid <> 'tenants'::regclass
+    ),
+    markers AS (
+        SELECT c.oid, m.word
+        FROM candidates c,
+             regexp_split_to_table(obj_description(c.oid, 'pg_class'), '\n') AS line,
+             regexp_split_to_table(substring(line FROM '^\s*@deprovision\s+(.*\S)\s*$'), '\s+')
+                 AS m(word)
+    ),
+    unknown_markers AS (
+        SELECT oid, string_agg(word, ', ' ORDER BY word) AS words
+        FROM markers
+        WHERE word NOT IN ('derived', 'keep')
+          AND NOT EXISTS (
+              SELECT 1 FROM pg_attribute a
+              WHERE a.attrelid = markers.oid AND a.attnum > 0 AND NOT a.attisdropped
+                AND a.attname = substring(word FROM '^tenant_column=(\w+)$'))
+        GROUP BY oid
+    ),
+    -- Tables that are neither the tenant's nor refused, whatever they reference.
+    kept AS (
+        SELECT oid FROM markers WHERE word = 'keep'
+    ),
+    considered AS (
+        SELECT c.* FROM candidates c WHERE c.oid NOT IN (SELECT oid FROM kept)
+    ),
+    fks AS (
+        SELECT con.conrelid AS child, con.confrelid AS parent,
+               array_agg(ca.attname::text ORDER BY k.i) AS child_columns,
+               array_agg(pa.attname::text ORDER BY k.i) AS parent_columns
+        FROM pg_constraint con
+        CROSS JOIN LATERAL unnest(con.conkey, con.confkey)
+            WITH ORDINALITY AS k(child_attnum, parent_attnum, i)
+        JOIN pg_attribute ca ON ca.attrelid = con.conrelid AND ca.attnum = k.child_attnum
+        JOIN pg_attribute pa ON pa.attrelid = con.confrelid AND pa.attnum = k.parent_attnum
+        WHERE con.contype = 'f'
+          AND con.conrelid IN (SELECT oid FROM considered)
+          AND (con.confrelid = 'tenants'::regclass
+               OR con.confrelid IN (SELECT oid FROM considered))
+        GROUP BY con.oid, con.conrelid, con.confrelid
+    ),
+    -- (table, column) pairs whose column holds the tenant id.
+    tenant_columns (oid, name) AS (
+        SELECT child, child_columns[1] FROM fks
+        WHERE parent = 'tenants'::regclass AND parent_columns = ARRAY['id']
+        UNION
+        SELECT m.oid, a.attname::text
+        FROM markers m
+        JOIN considered c USING (oid)
+        JOIN pg_attribute a
+          ON a.attrelid = m.oid AND a.attnum > 0 AND NOT a.attisdropped
+         AND a.attname = substring(m.word FROM '^tenant_column=(\w+)$')
+        UNION
+        SELECT f.child, f.child_columns[k.i]
+        FROM tenant_columns tc
+        JOIN fks f ON f.parent = tc.oid AND f.child <> f.parent
+        CROSS JOIN LATERAL generate_subscripts(f.parent_columns, 1) AS k(i)
+        WHERE f.parent_columns[k.i] = tc.name
+    ),
+    direct AS (
+        SELECT oid, min(name) AS name, string_agg(name, ', ' ORDER BY name) AS names,
+               count(*) > 1 AS ambiguous
+        FROM tenant_columns
+        GROUP BY oid
+    ),
+    -- Chains of foreign keys from a table without a tenant column towards one with.
+    chains (start, at, visited, depth, predicate, path) AS (
+        SELECT c.oid, f.parent, ARRAY[c.oid, f.parent], 1,
+               format('EXISTS (SELECT 1 FROM %s p1 WHERE %s', f.parent::regclass,
+                      (SELECT string_agg(format('p1.%I = t.%I', pc, cc), ' AND ')
+                       FROM unnest(f.child_columns, f.parent_columns) AS u(cc, pc))),
+               format('%I(%s) -> %s(%s)', c.name, array_to_string(f.child_columns, ', '),
+                      f.parent::regclass, array_to_string(f.parent_columns, ', '))
+        FROM considered c
+        JOIN fks f ON f.child = c.oid AND f.parent <> c.oid AND f.parent <> 'tenants'::regclass
+        WHERE c.oid NOT IN (SELECT oid FROM direct)
+        UNION ALL
+        SELECT ch.start, f.parent, ch.visited || f.parent, ch.depth + 1,
+               ch.predicate || format(' AND EXISTS (SELECT 1 FROM %s p%s WHERE %s',
+                   f.parent::regclass, ch.depth + 1,
+                   (SELECT string_agg(format('p%s.%I = p%s.%I', ch.depth + 1, pc, ch.depth, cc),
+                                      ' AND ')
+                    FROM unnest(f.child_columns, f.parent_columns) AS u(cc, pc))),
+               ch.path || format('; %s(%s) -> %s(%s)', f.child::regclass,
+                                 array_to_string(f.child_columns, ', '), f.parent::regclass,
+                                 array_to_string(f.parent_columns, ', '))
+        FROM chains ch
+        JOIN fks f ON f.child = ch.at AND f.parent <> 'tenants'::regclass
+        WHERE ch.at NOT IN (SELECT oid FROM direct)
+          AND f.parent <> ALL (ch.visited)
+    ),
+    complete_chains AS (
+        SELECT ch.start,
+               ch.predicate || format(' AND p%s.%I = $1', ch.depth, d.name)
+                   || repeat(')', ch.depth) AS predicate,
+               ch.path || format('; %s.%I', ch.at::regclass, d.name) AS path,
+               d.ambiguous
+        FROM chains ch
+        JOIN direct d ON d.oid = ch.at
+    ),
+    chained AS (
+        SELECT start AS oid, min(predicate) AS predicate, min(path) AS path,
+               count(*) > 1 OR bool_or(ambiguous) AS ambiguous,
+               string_agg(path, ' | ' ORDER BY path) AS paths
+        FROM complete_chains
+        GROUP BY start
+    ),
+    attribution AS (
+        SELECT c.oid, c.name,
+               coalesce(d.oid, ch.oid) IS NOT NULL AS owned,
+               CASE WHEN d.oid IS NOT NULL THEN format('t.%I = $1', d.name)
+                    ELSE ch.predicate END AS predicate,
+               CASE WHEN d.oid IS NOT NULL THEN format('%I.%I', c.name, d.name)
+                    ELSE ch.path END AS path,
+               CASE
+                   WHEN u.oid IS NOT NULL THEN
+                       format('unknown @deprovision marker in its comment: %s', u.words)
+                   WHEN d.ambiguous THEN
+                       format('several columns hold a tenant id (%s): a row could belong to'
+                              ' two tenants', d.names)
+                   WHEN ch.ambiguous THEN
+                       format('it reaches tenants through several chains of foreign keys,'
+                              ' or through an ambiguous table (%s)', ch.paths)
+                   WHEN d.oid IS NULL AND ch.oid IS NULL THEN (
+                       SELECT format('its column %s looks like a tenant id, but no foreign key'
+                                     ' to tenants(id) or to a tenant table attributes it'
+                                     ' (add one, or mark the table: @deprovision keep or'
+                                     ' tenant_column=<column>)',
+                                     string_agg(a.attname::text, ', ' ORDER BY a.attnum))
+                       FROM pg_attribute a
+                       WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                         AND a.attname ILIKE '%tenant%'
+                       HAVING count(*) > 0)
+               END AS refusal
+        FROM candidates c
+        LEFT JOIN direct d ON d.oid = c.oid
+        LEFT JOIN chained ch ON ch.oid = c.oid
+        LEFT JOIN unknown_markers u ON u.oid = c.oid
+        WHERE c.oid NOT IN (SELECT oid FROM kept) OR u.oid IS NOT NULL
+    ),
+    owned AS (
+        SELECT oid, name FROM attribution WHERE owned AND refusal IS NULL
     ),
     edges AS (
-        SELECT DISTINCT con.conrelid AS child, con.confrelid AS parent
-        FROM pg_constraint con
-        WHERE con.contype = 'f'
-          AND con.conrelid <> con.confrelid
-          AND con.conrelid IN (SELECT oid FROM owned)
-          AND con.confrelid IN (SELECT oid FROM owned)
+        SELECT DISTINCT child, parent
+        FROM fks
+        WHERE child <> parent
+          AND child IN (SELECT oid FROM owned)
+          AND parent IN (SELECT oid FROM owned)
     ),
     heights (oid, height) AS (
         SELECT oid, 0 FROM owned
@@ -76,45 +242,95 @@ AS $$
         FROM heights h
         JOIN edges e ON e.child = h.oid
         WHERE h.height < (SELECT count(*) FROM owned)
+    ),
+    ordered AS (
+        SELECT oid, max(height)::int AS delete_order,
+               max(height) >= (SELECT count(*) FROM owned) AS in_cycle
+        FROM heights
+        GROUP BY oid
     )
-    SELECT o.oid::regclass,
-           o.name,
-           max(h.height)::int,
+    SELECT a.oid::regclass,
+           a.name,
+           o.delete_order,
            EXISTS (SELECT 1 FROM pg_constraint con
-                   WHERE con.contype = 'f' AND con.conrelid = o.oid AND con.confrelid = o.oid),
-           max(h.height) >= (SELECT count(*) FROM owned)
-    FROM owned o
-    JOIN heights h USING (oid)
-    GROUP BY o.oid, o.name
+                   WHERE con.contype = 'f' AND con.conrelid = a.oid AND con.confrelid = a.oid),
+           coalesce(o.in_cycle, false),
+           EXISTS (SELECT 1 FROM markers m WHERE m.oid = a.oid AND m.word = 'derived'),
+           CASE WHEN a.refusal IS NULL THEN a.path END,
+           CASE WHEN a.refusal IS NULL THEN a.predicate END,
+           a.refusal
+    FROM attribution a
+    LEFT JOIN ordered o USING (oid)
+    WHERE a.refusal IS NOT NULL OR a.owned
     ORDER BY 3, 2
 $$;
 
--- Refuses to delete anything when the order is undefined (a foreign-key cycle
--- between tenant tables), rather than fail half-way on a constraint.
+-- Refuses to delete anything when a table cannot be attributed to a tenant
+-- (see deprovision_tables) or the order is undefined (a foreign-key cycle
+-- between tenant tables), rather than leave rows behind or fail half-way.
 CREATE FUNCTION deprovision_assert_tables() RETURNS void
 LANGUAGE plpgsql STABLE
 SET search_path = public, pg_temp
 AS $$
 DECLARE
+    v_refused text;
     v_cycle text;
 BEGIN
-    PERFORM tenant_write_guard_assert();
-    SELECT string_agg(table_name, ', ') INTO v_cycle FROM deprovision_tables() WHERE in_cycle;
+    SELECT string_agg(format('%s (%s)', table_name, refusal), '; ' ORDER BY table_name)
+               FILTER (WHERE refusal IS NOT NULL),
+           string_agg(table_name, ', ' ORDER BY table_name) FILTER (WHERE in_cycle)
+    INTO v_refused, v_cycle
+    FROM deprovision_tables()
+    WHERE refusal IS NOT NULL OR in_cycle;
+    IF v_refused IS NOT NULL THEN
+        RAISE EXCEPTION 'cannot attribute the rows of these tables to a tenant: %', v_refused
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'TENANT_TABLE_UNATTRIBUTED';
+    END IF;
     IF v_cycle IS NOT NULL THEN
         RAISE EXCEPTION 'tenant tables form a foreign-key cycle: %', v_cycle
             USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'TENANT_TABLES_CYCLE';
     END IF;
+    PERFORM tenant_write_guard_assert();
 END
 $$;
 
 
 -- A step entry of deprovision_jobs.steps.
-CREATE FUNCTION deprovision_step(p_outcome text, p_detail text, p_rows jsonb DEFAULT NULL)
-RETURNS jsonb
+CREATE FUNCTION deprovision_step(
+    p_outcome text, p_detail text, p_rows jsonb DEFAULT NULL, p_derived_rows jsonb DEFAULT NULL
+) RETURNS jsonb
 LANGUAGE sql VOLATILE
 AS $$
     SELECT jsonb_strip_nulls(jsonb_build_object(
-        'outcome', p_outcome, 'detail', p_detail, 'rows', p_rows, 'at', clock_timestamp()))
+        'outcome', p_outcome, 'detail', p_detail, 'rows', p_rows, 'derived_rows', p_derived_rows,
+        'at', clock_timestamp()))
+$$;
+
+
+-- Two {table: rows} maps added up table by table.
+CREATE FUNCTION deprovision_add_rows(p_rows jsonb, p_more jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT coalesce(jsonb_object_agg(key, total), '{}')
+    FROM (
+        SELECT key, sum(value::bigint) AS total
+        FROM (SELECT key, value FROM jsonb_each_text(coalesce(p_rows, '{}'))
+              UNION ALL
+              SELECT key, value FROM jsonb_each_text(coalesce(p_more, '{}'))) counts
+        GROUP BY key
+    ) totals
+$$;
+
+
+-- The TENANT_DATA step's detail: "12 rows of the tenant's data and 4 derived rows deleted".
+CREATE FUNCTION deprovision_rows_detail(p_rows jsonb, p_derived_rows jsonb, p_done text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT format('%s rows of the tenant''s data and %s derived rows %s',
+                  (SELECT coalesce(sum(value::bigint), 0) FROM jsonb_each_text(p_rows)),
+                  (SELECT coalesce(sum(value::bigint), 0) FROM jsonb_each_text(p_derived_rows)),
+                  p_done)
 $$;
 
 
@@ -161,7 +377,10 @@ END
 $$;
 
 
--- Rows per owned table of one tenant, every table listed (0 included).
+-- Rows per owned table of one tenant, every table listed (0 included):
+-- {rows: the tenant's own data, derived_rows: ours}. A count reads the
+-- tenant's entries of the index on its tenant column (of each parent's key
+-- for a chain), so it takes time in proportion to the tenant's rows.
 CREATE FUNCTION deprovision_count_rows(p_tenant_id text) RETURNS jsonb
 LANGUAGE plpgsql STABLE
 SET search_path = public, pg_temp
@@ -170,19 +389,24 @@ DECLARE
     v_table record;
     v_count bigint;
     v_rows jsonb := '{}';
+    v_derived jsonb := '{}';
 BEGIN
     FOR v_table IN SELECT * FROM deprovision_tables() ORDER BY delete_order, table_name LOOP
-        EXECUTE format('SELECT count(*) FROM %s WHERE tenant_id = $1', v_table.rel)
+        EXECUTE format('SELECT count(*) FROM %s t WHERE %s', v_table.rel, v_table.tenant_predicate)
             INTO v_count USING p_tenant_id;
-        v_rows := v_rows || jsonb_build_object(v_table.table_name, v_count);
+        IF v_table.derived THEN
+            v_derived := v_derived || jsonb_build_object(v_table.table_name, v_count);
+        ELSE
+            v_rows := v_rows || jsonb_build_object(v_table.table_name, v_count);
+        END IF;
     END LOOP;
-    RETURN v_rows;
+    RETURN jsonb_build_object('rows', v_rows, 'derived_rows', v_derived);
 END
 $$;
 
 
 -- Dry run: what deprovisioning p_tenant_id would do. Reads only.
--- {tenant_exists, status, sendgrid_username, rows, open_job, completed_job}
+-- {tenant_exists, status, sendgrid_username, rows, derived_rows, open_job, completed_job}
 CREATE FUNCTION deprovision_plan(p_tenant_id text) RETURNS jsonb
 LANGUAGE plpgsql STABLE
 SET search_path = public, pg_temp
@@ -192,6 +416,7 @@ DECLARE
     v_open deprovision_jobs;
     v_completed deprovision_jobs;
     v_username text;
+    v_counts jsonb;
 BEGIN
     PERFORM deprovision_assert_tables();
     SELECT * INTO v_tenant FROM tenants WHERE id = p_tenant_id;
@@ -211,11 +436,13 @@ BEGIN
     ELSE
         SELECT sendgrid_username INTO v_username FROM tenant_settings WHERE tenant_id = p_tenant_id;
     END IF;
+    v_counts := deprovision_count_rows(p_tenant_id);
     RETURN jsonb_build_object(
         'tenant_exists', true,
         'status', v_tenant.status,
         'sendgrid_username', v_username,
-        'rows', deprovision_count_rows(p_tenant_id),
+        'rows', v_counts -> 'rows',
+        'derived_rows', v_counts -> 'derived_rows',
         'open_job', CASE WHEN v_open.id IS NULL THEN NULL
                          ELSE deprovision_job_document(v_open) END);
 END
@@ -357,6 +584,7 @@ $$;
 -- children before parents, and add the counts to the job in the same
 -- transaction (so a cut deadline loses neither rows nor counts).
 -- Returns {deleted: {table: n}, done, job}; done = nothing of the tenant is left.
+-- The job's counts keep the tenant's data (rows) apart from ours (derived_rows).
 --
 -- Index scans only (enable_seqscan/enable_bitmapscan off inside): the tenant's
 -- rows are a large share of a table, so the planner would pick a sequential
@@ -377,7 +605,7 @@ DECLARE
     v_count bigint;
     v_deleted jsonb := '{}';
     v_rows jsonb;
-    v_total bigint;
+    v_derived jsonb;
     v_done boolean;
 BEGIN
     IF p_batch_rows IS NULL OR p_batch_rows < 1 THEN
@@ -390,12 +618,13 @@ BEGIN
         IF v_table.self_referencing THEN
             -- Rows may reference each other: one statement, so that the
             -- foreign key is checked once all of them are gone.
-            EXECUTE format('DELETE FROM %s WHERE tenant_id = $1', v_table.rel)
+            EXECUTE format('DELETE FROM %s t WHERE %s', v_table.rel, v_table.tenant_predicate)
                 USING v_job.tenant_id;
         ELSE
             EXECUTE format(
-                'DELETE FROM %1$s WHERE tenant_id = $1 AND ctid = ANY (ARRAY('
-                'SELECT ctid FROM %1$s WHERE tenant_id = $1 LIMIT $2))', v_table.rel)
+                'DELETE FROM %1$s t WHERE %2$s AND ctid = ANY (ARRAY('
+                'SELECT ctid FROM %1$s t WHERE %2$s LIMIT $2))',
+                v_table.rel, v_table.tenant_predicate)
                 USING v_job.tenant_id, v_left;
         END IF;
         GET DIAGNOSTICS v_count = ROW_COUNT;
@@ -407,27 +636,23 @@ BEGIN
     -- Each table gave fewer rows than it was asked for: all of them are empty.
     v_done := v_left > 0;
 
-    SELECT coalesce(jsonb_object_agg(key, total), '{}'), coalesce(sum(total), 0)
-    INTO v_rows, v_total
-    FROM (
-        SELECT key, sum(value::bigint) AS total
-        FROM (
-            SELECT key, value FROM jsonb_each_text(coalesce(v_job.steps -> 'TENANT_DATA' -> 'rows', '{}'))
-            UNION ALL
-            SELECT key, value FROM jsonb_each_text(v_deleted)
-            UNION ALL
-            -- The finished step lists every table, 0 included.
-            SELECT table_name, '0' FROM deprovision_tables() WHERE v_done
-        ) counts
-        GROUP BY key
-    ) totals;
+    -- This batch's counts, split; the finished step lists every table, 0 included.
+    SELECT coalesce(jsonb_object_agg(t.table_name, coalesce(v_deleted -> t.table_name, '0'))
+                        FILTER (WHERE NOT t.derived), '{}'),
+           coalesce(jsonb_object_agg(t.table_name, coalesce(v_deleted -> t.table_name, '0'))
+                        FILTER (WHERE t.derived), '{}')
+    INTO v_rows, v_derived
+    FROM deprovision_tables() t
+    WHERE v_done OR v_deleted ? t.table_name;
+    v_rows := deprovision_add_rows(v_job.steps -> 'TENANT_DATA' -> 'rows', v_rows);
+    v_derived := deprovision_add_rows(v_job.steps -> 'TENANT_DATA' -> 'derived_rows', v_derived);
 
     UPDATE deprovision_jobs
     SET steps = steps || jsonb_build_object('TENANT_DATA', deprovision_step(
             CASE WHEN v_done THEN 'DONE' ELSE 'PENDING' END,
-            CASE WHEN v_done THEN format('%s rows deleted', v_total)
-                 ELSE format('%s rows deleted so far', v_total) END,
-            v_rows)),
+            deprovision_rows_detail(v_rows, v_derived, 'deleted')
+                || CASE WHEN v_done THEN '' ELSE ' so far' END,
+            v_rows, v_derived)),
         updated_at = clock_timestamp()
     WHERE id = p_job_id
     RETURNING * INTO v_job;
@@ -452,6 +677,7 @@ DECLARE
     v_table record;
     v_count bigint;
     v_late jsonb := '{}';
+    v_late_derived jsonb := '{}';
     v_data jsonb;
 BEGIN
     FOREACH v_step IN ARRAY ARRAY['MARK_TENANT', 'SENDGRID_SUBUSER', 'TENANT_DATA', 'CONFIG_DIRECTORY'] LOOP
@@ -463,23 +689,23 @@ BEGIN
     END LOOP;
     PERFORM deprovision_assert_tables();
     FOR v_table IN SELECT * FROM deprovision_tables() ORDER BY delete_order, table_name LOOP
-        EXECUTE format('DELETE FROM %s WHERE tenant_id = $1', v_table.rel) USING v_job.tenant_id;
+        EXECUTE format('DELETE FROM %s t WHERE %s', v_table.rel, v_table.tenant_predicate)
+            USING v_job.tenant_id;
         GET DIAGNOSTICS v_count = ROW_COUNT;
-        IF v_count > 0 THEN
+        IF v_count > 0 AND v_table.derived THEN
+            v_late_derived := v_late_derived || jsonb_build_object(v_table.table_name, v_count);
+        ELSIF v_count > 0 THEN
             v_late := v_late || jsonb_build_object(v_table.table_name, v_count);
         END IF;
     END LOOP;
     v_data := v_job.steps -> 'TENANT_DATA';
-    IF v_late <> '{}' THEN
-        v_data := jsonb_set(v_data, '{rows}', (
-            SELECT jsonb_object_agg(key, total) FROM (
-                SELECT key, sum(value::bigint) AS total
-                FROM (SELECT key, value FROM jsonb_each_text(v_data -> 'rows')
-                      UNION ALL SELECT key, value FROM jsonb_each_text(v_late)) counts
-                GROUP BY key) totals));
-        v_data := jsonb_set(v_data, '{detail}', to_jsonb(
-            (v_data ->> 'detail') || format(' (%s written during deprovisioning, swept at the end)',
-                                             (SELECT sum(value::bigint) FROM jsonb_each_text(v_late)))));
+    IF v_late <> '{}' OR v_late_derived <> '{}' THEN
+        v_data := v_data || jsonb_build_object(
+            'rows', deprovision_add_rows(v_data -> 'rows', v_late),
+            'derived_rows', deprovision_add_rows(v_data -> 'derived_rows', v_late_derived),
+            'detail', (v_data ->> 'detail') || ' (plus '
+                || deprovision_rows_detail(v_late, v_late_derived,
+                                           'written during deprovisioning, swept at the end)'));
     END IF;
 
     DELETE FROM tenants WHERE id = v_job.tenant_id;
@@ -523,7 +749,8 @@ BEGIN
     END IF;
     UPDATE deprovision_jobs
     SET steps = steps || jsonb_build_object(p_step,
-            deprovision_step('FAILED', p_detail, steps -> p_step -> 'rows')),
+            deprovision_step('FAILED', p_detail, steps -> p_step -> 'rows',
+                             steps -> p_step -> 'derived_rows')),
         state = 'FAILED',
         error = p_reason,
         lease_owner = NULL,
@@ -543,7 +770,9 @@ ALTER TABLE deprovision_requests ENABLE ROW LEVEL SECURITY;
 REVOKE EXECUTE ON FUNCTION
     deprovision_tables(),
     deprovision_assert_tables(),
-    deprovision_step(text, text, jsonb),
+    deprovision_step(text, text, jsonb, jsonb),
+    deprovision_add_rows(jsonb, jsonb),
+    deprovision_rows_detail(jsonb, jsonb, text),
     deprovision_job_document(deprovision_jobs),
     deprovision_leased_job(uuid, uuid),
     deprovision_count_rows(text),

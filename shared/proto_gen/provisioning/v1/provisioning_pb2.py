@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"provisioning/v1/provisioning.proto\x12\x0fprovisioning.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"i\n\x12\x44\x65provisionRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\x12\x15\n\rallow_missing\x18\x04 \x01(\x08\"\x86\x02\n\x13\x44\x65provisionResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.provisioning.v1.JobState\x12\x15\n\rvalidate_only\x18\x04 \x01(\x08\x12*\n\x05steps\x18\x05 \x03(\x0b\x32\x1b.provisioning.v1.StepResult\x12.\n\nstarted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd2\x01\n\nStepResult\x12#\n\x04step\x18\x01 \x01(\x0e\x32\x15.provisioning.v1.Step\x12-\n\x07outcome\x18\x02 \x01(\x0e\x32\x1c.provisioning.v1.StepOutcome\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x33\n\x04rows\x18\x04 \x03(\x0b\x32%.provisioning.v1.StepResult.RowsEntry\x1a+\n\tRowsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01*\x84\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_RUNNING\x10\x01\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x02\x12\x14\n\x10JOB_STATE_FAILED\x10\x03\x12\x17\n\x13JOB_STATE_VALIDATED\x10\x04*\x96\x01\n\x04Step\x12\x14\n\x10STEP_UNSPECIFIED\x10\x00\x12\x14\n\x10STEP_MARK_TENANT\x10\x01\x12\x19\n\x15STEP_SENDGRID_SUBUSER\x10\x02\x12\x14\n\x10STEP_TENANT_DATA\x10\x03\x12\x19\n\x15STEP_CONFIG_DIRECTORY\x10\x04\x12\x16\n\x12STEP_TENANT_RECORD\x10\x05*\xcf\x01\n\x0bStepOutcome\x12\x1c\n\x18STEP_OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11STEP_OUTCOME_DONE\x10\x01\x12\x1f\n\x1bSTEP_OUTCOME_ALREADY_ABSENT\x10\x02\x12\x18\n\x14STEP_OUTCOME_SKIPPED\x10\x03\x12\x1d\n\x19STEP_OUTCOME_WOULD_DELETE\x10\x04\x12\x17\n\x13STEP_OUTCOME_FAILED\x10\x05\x12\x18\n\x14STEP_OUTCOME_PENDING\x10\x06\x32o\n\x13ProvisioningService\x12X\n\x0b\x44\x65provision\x12#.provisioning.v1.DeprovisionRequest\x1a$.provisioning.v1.DeprovisionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"provisioning/v1/provisioning.proto\x12\x0fprovisioning.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"i\n\x12\x44\x65provisionRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\x12\x15\n\rallow_missing\x18\x04 \x01(\x08\"\x86\x02\n\x13\x44\x65provisionResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.provisioning.v1.JobState\x12\x15\n\rvalidate_only\x18\x04 \x01(\x08\x12*\n\x05steps\x18\x05 \x03(\x0b\x32\x1b.provisioning.v1.StepResult\x12.\n\nstarted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xca\x02\n\nStepResult\x12#\n\x04step\x18\x01 \x01(\x0e\x32\x15.provisioning.v1.Step\x12-\n\x07outcome\x18\x02 \x01(\x0e\x32\x1c.provisioning.v1.StepOutcome\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x33\n\x04rows\x18\x04 \x03(\x0b\x32%.provisioning.v1.StepResult.RowsEntry\x12\x42\n\x0c\x64\x65rived_rows\x18\x05 \x03(\x0b\x32,.provisioning.v1.StepResult.DerivedRowsEntry\x1a+\n\tRowsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x32\n\x10\x44\x65rivedRowsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01*\x84\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_RUNNING\x10\x01\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x02\x12\x14\n\x10JOB_STATE_FAILED\x10\x03\x12\x17\n\x13JOB_STATE_VALIDATED\x10\x04*\x96\x01\n\x04Step\x12\x14\n\x10STEP_UNSPECIFIED\x10\x00\x12\x14\n\x10STEP_MARK_TENANT\x10\x01\x12\x19\n\x15STEP_SENDGRID_SUBUSER\x10\x02\x12\x14\n\x10STEP_TENANT_DATA\x10\x03\x12\x19\n\x15STEP_CONFIG_DIRECTORY\x10\x04\x12\x16\n\x12STEP_TENANT_RECORD\x10\x05*\xcf\x01\n\x0bStepOutcome\x12\x1c\n\x18STEP_OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11STEP_OUTCOME_DONE\x10\x01\x12\x1f\n\x1bSTEP_OUTCOME_ALREADY_ABSENT\x10\x02\x12\x18\n\x14STEP_OUTCOME_SKIPPED\x10\x03\x12\x1d\n\x19STEP_OUTCOME_WOULD_DELETE\x10\x04\x12\x17\n\x13STEP_OUTCOME_FAILED\x10\x05\x12\x18\n\x14STEP_OUTCOME_PENDING\x10\x06\x32o\n\x13ProvisioningService\x12X\n\x0b\x44\x65provision\x12#.provisioning.v1.DeprovisionRequest\x1a$.provisioning.v1.DeprovisionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,20 +35,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STEPRESULT_ROWSENTRY']._loaded_options = None
   _globals['_STEPRESULT_ROWSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=674
-  _globals['_JOBSTATE']._serialized_end=806
-  _globals['_STEP']._serialized_start=809
-  _globals['_STEP']._serialized_end=959
-  _globals['_STEPOUTCOME']._serialized_start=962
-  _globals['_STEPOUTCOME']._serialized_end=1169
+  _globals['_STEPRESULT_DERIVEDROWSENTRY']._loaded_options = None
+  _globals['_STEPRESULT_DERIVEDROWSENTRY']._serialized_options = b'8\001'
+  _globals['_JOBSTATE']._serialized_start=794
+  _globals['_JOBSTATE']._serialized_end=926
+  _globals['_STEP']._serialized_start=929
+  _globals['_STEP']._serialized_end=1079
+  _globals['_STEPOUTCOME']._serialized_start=1082
+  _globals['_STEPOUTCOME']._serialized_end=1289
   _globals['_DEPROVISIONREQUEST']._serialized_start=88
   _globals['_DEPROVISIONREQUEST']._serialized_end=193
   _globals['_DEPROVISIONRESPONSE']._serialized_start=196
   _globals['_DEPROVISIONRESPONSE']._serialized_end=458
   _globals['_STEPRESULT']._serialized_start=461
-  _globals['_STEPRESULT']._serialized_end=671
-  _globals['_STEPRESULT_ROWSENTRY']._serialized_start=628
-  _globals['_STEPRESULT_ROWSENTRY']._serialized_end=671
-  _globals['_PROVISIONINGSERVICE']._serialized_start=1171
-  _globals['_PROVISIONINGSERVICE']._serialized_end=1282
+  _globals['_STEPRESULT']._serialized_end=791
+  _globals['_STEPRESULT_ROWSENTRY']._serialized_start=696
+  _globals['_STEPRESULT_ROWSENTRY']._serialized_end=739
+  _globals['_STEPRESULT_DERIVEDROWSENTRY']._serialized_start=741
+  _globals['_STEPRESULT_DERIVEDROWSENTRY']._serialized_end=791
+  _globals['_PROVISIONINGSERVICE']._serialized_start=1291
+  _globals['_PROVISIONINGSERVICE']._serialized_end=1402
 # @@protoc_insertion_point(module_scope)

@@ -87,8 +87,15 @@ class DeprovisionResponse(_message.Message):
     def __init__(self, tenant_id: _Optional[str] = ..., job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., validate_only: _Optional[bool] = ..., steps: _Optional[_Iterable[_Union[StepResult, _Mapping]]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step", "outcome", "detail", "rows")
+    __slots__ = ("step", "outcome", "detail", "rows", "derived_rows")
     class RowsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class DerivedRowsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -99,8 +106,10 @@ class StepResult(_message.Message):
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    DERIVED_ROWS_FIELD_NUMBER: _ClassVar[int]
     step: Step
     outcome: StepOutcome
     detail: str
     rows: _containers.ScalarMap[str, int]
-    def __init__(self, step: _Optional[_Union[Step, str]] = ..., outcome: _Optional[_Union[StepOutcome, str]] = ..., detail: _Optional[str] = ..., rows: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    derived_rows: _containers.ScalarMap[str, int]
+    def __init__(self, step: _Optional[_Union[Step, str]] = ..., outcome: _Optional[_Union[StepOutcome, str]] = ..., detail: _Optional[str] = ..., rows: _Optional[_Mapping[str, int]] = ..., derived_rows: _Optional[_Mapping[str, int]] = ...) -> None: ...

@@ -71,7 +71,9 @@ class ProvisioningServiceServicer:
         (unknown tenant, unless allow_missing), ABORTED (another call is
         deprovisioning the same tenant; retry after its deadline), FAILED_PRECONDITION
         (SendGrid key missing or rejected, malformed SendGrid subuser name, the
-        tenant's directory is a symlink or not a directory, CLIENTS_DIR missing),
+        tenant's directory is a symlink or not a directory, CLIENTS_DIR missing,
+        a table whose rows cannot be attributed to a tenant: reason
+        TENANT_TABLE_UNATTRIBUTED, the message names it; checked by the dry run too),
         DEADLINE_EXCEEDED, UNAVAILABLE (with RetryInfo). A failed step returns the
         partial DeprovisionResponse as a status detail.
         """

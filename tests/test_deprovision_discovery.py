@@ -175,6 +175,24 @@ def test_tables_are_attributed_by_foreign_keys_and_ordered_children_first(
     )
 
 
+def test_the_write_guard_covers_a_tenant_column_of_another_name(
+    discovery_sql: psycopg.Connection[Any],
+) -> None:
+    """trips.owner_tenant goes through the guard's dynamic query: once the
+    tenant is marked, inserting or updating its trips fails; deleting works."""
+    tenant = unique_tenant("guarded")
+    seed_trips(discovery_sql, tenant, trips=1)
+    discovery_sql.execute("UPDATE tenants SET status = 'deprovisioning' WHERE id = %s", (tenant,))
+    for statement in (
+        "INSERT INTO trips (owner_tenant, title) VALUES (%s, 'late')",
+        "UPDATE trips SET title = 'renamed' WHERE owner_tenant = %s",
+    ):
+        with pytest.raises(psycopg.Error) as refused:
+            discovery_sql.execute(statement, (tenant,))
+        assert refused.value.sqlstate == "CRM01"
+        assert tenant in str(refused.value)
+
+
 async def test_dry_run_counts_and_a_run_deletes_rows_found_through_foreign_keys(
     discovery_db: Database,
     discovery_sql: psycopg.Connection[Any],

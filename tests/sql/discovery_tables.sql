@@ -36,3 +36,8 @@ CREATE TABLE trip_leg_counts (
 );
 CREATE INDEX trip_leg_counts_trip_idx ON trip_leg_counts (trip_id);
 COMMENT ON TABLE trip_leg_counts IS E'Legs per trip.\n@deprovision derived';
+
+-- Closed to writers while their tenant is deprovisioned, like every table
+-- that references tenants(id) (0006_tenant_write_guard.sql).
+SELECT tenant_write_guard_attach('trips', 'owner_tenant');
+SELECT tenant_write_guard_attach('trip_leg_counts', 'owner_tenant');

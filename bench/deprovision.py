@@ -6,7 +6,10 @@ SendGrid step is skipped: one HTTP call is not what scales with rows):
 
 1. one tenant holding ~10k, ~100k and ~1M rows across its tables (clients,
    quotes, invoices, two activities per client, notifications, settings),
-   deprovisioned by one call with a generous deadline: seconds and rows/s;
+   deprovisioned by one call with a generous deadline: seconds, rows/s, and
+   business rows/s (the tenant's own data, without our derived rows); while
+   another tenant reads its summary and writes, whose latencies before and
+   during each deprovisioning are reported;
 2. another ~1M-row tenant under 2 s deadlines, the same request retried until
    it completes: calls, total time, what each cut call answered.
 
@@ -27,6 +30,7 @@ checked unchanged across every call.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import secrets
 import shlex
@@ -54,6 +58,7 @@ from bench.common import (
     deltas_logged,
     drain_backlog,
     markdown_table,
+    percentile,
     say,
     server_facts,
     service_process,
@@ -70,6 +75,8 @@ ROWS_PER_CLIENT = 6
 SIZES = {"10k": 10_000, "100k": 100_000, "1m": 1_000_000}
 DEFAULT_REPS = {"10k": 5, "100k": 3, "1m": 1}
 NOISE_ROWS = 200_000  # per noise tenant
+# How long the neighbour's calls are watched before each deprovisioning.
+NEIGHBOUR_BASELINE_S = 3.0
 FULL_DEADLINE_S = 300.0
 CUT_TENANT_ROWS = 1_000_000
 PIPELINE_TABLES = frozenset({"pipeline_deltas", *PIPELINE_AGGREGATE_TABLES})
@@ -99,6 +106,72 @@ class FullRun:
     rows: int
     pipeline_rows: int
     seconds: list[float] = field(default_factory=list)
+    # The neighbour's calls (kind -> seconds) in the same span before each
+    # deprovisioning, and during it.
+    before: dict[str, list[float]] = field(default_factory=dict)
+    during: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def business_rows(self) -> int:
+        """The tenant's own data: not our derived rows, not its tenants row."""
+        return self.rows - self.pipeline_rows - 1
+
+
+NEIGHBOUR = "bench-neighbour"
+NEIGHBOUR_CLIENTS = 10_000
+
+
+@dataclass(frozen=True)
+class NeighbourCall:
+    kind: str  # "read" (SELECT pipeline_summary) or "write" (a notification INSERT)
+    started: float
+    seconds: float
+
+
+class Neighbour:
+    """Another tenant going on meanwhile: its summary read and a notification
+    inserted (a write through the write guard that logs no pipeline delta, so
+    that "no delta logged while deprovisioning" still holds), back to back, on
+    a connection of its own."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.calls: list[NeighbourCall] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _loop(self) -> None:
+        async with await psycopg.AsyncConnection.connect(
+            self.url, autocommit=True, application_name="bench_neighbour"
+        ) as conn:
+            n = 0
+            while True:
+                n += 1
+                for kind, query, params in (
+                    ("read", "SELECT pipeline_summary(%s)", (NEIGHBOUR,)),
+                    (
+                        "write",
+                        "INSERT INTO notifications (tenant_id, message) VALUES (%s, %s)",
+                        (NEIGHBOUR, f"note {n}"),
+                    ),
+                ):
+                    started = time.monotonic()
+                    await conn.execute(query, params)
+                    self.calls.append(NeighbourCall(kind, started, time.monotonic() - started))
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def between(self, start: float, end: float) -> dict[str, list[float]]:
+        found: dict[str, list[float]] = {"read": [], "write": []}
+        for call in self.calls:
+            if start <= call.started and call.started + call.seconds <= end:
+                found[call.kind].append(call.seconds)
+        return found
 
 
 @dataclass
@@ -282,7 +355,8 @@ async def deprovision_once(
     url: str,
     tenant: BenchTenant,
     owned: Owned,
-) -> float:
+) -> tuple[float, float]:
+    """(when it started, how long it took)."""
     logged_before = logged_deltas(url)
     started = time.monotonic()
     reply = await stub.Deprovision(
@@ -300,7 +374,7 @@ async def deprovision_once(
     if rows_left(url, tenant.tenant_id) or (CLIENTS_DIR / tenant.tenant_id).exists():
         raise SystemExit(f"{tenant.tenant_id}: rows or directory left behind")
     check_nothing_logged(url, logged_before, tenant.tenant_id)
-    return elapsed
+    return started, elapsed
 
 
 async def deprovision_under_deadlines(
@@ -389,18 +463,72 @@ def report(
             [
                 run.label,
                 f"{run.rows:,}",
+                f"{run.business_rows:,}",
                 f"{run.pipeline_rows:,}",
                 len(run.seconds),
                 f"{median:.2f}",
                 f"{best:.2f}",
                 f"{run.rows / median:,.0f}",
+                f"{run.business_rows / median:,.0f}",
             ]
         )
     print(
         markdown_table(
-            ["size", "rows", "of which pipeline", "n", "median s", "min s", "rows/s (median)"],
+            [
+                "size",
+                "rows",
+                "business rows",
+                "derived rows",
+                "n",
+                "median s",
+                "min s",
+                "rows/s (median)",
+                "business rows/s",
+            ],
             rows,
-            right=(1, 2, 3, 4, 5, 6),
+            right=(1, 2, 3, 4, 5, 6, 7, 8),
+        )
+    )
+    print()
+    print(
+        f"Another tenant ({NEIGHBOUR}, {NEIGHBOUR_CLIENTS:,} clients) goes on meanwhile: its"
+        " summary (`SELECT pipeline_summary`) and a single-row notification insert, back to back on a"
+        f" connection of its own; its calls in the {NEIGHBOUR_BASELINE_S:g} s before each"
+        " deprovisioning (or as long as it took, if shorter) and during it, in ms:"
+    )
+    print()
+    neighbour_rows = []
+    for run in full:
+        for kind in ("read", "write"):
+            before, during = run.before.get(kind, []), run.during.get(kind, [])
+            if not before or not during:
+                continue
+            neighbour_rows.append(
+                [
+                    run.label,
+                    kind,
+                    len(before),
+                    f"{percentile(before, 50) * 1000:.1f}",
+                    f"{percentile(before, 99) * 1000:.1f}",
+                    len(during),
+                    f"{percentile(during, 50) * 1000:.1f}",
+                    f"{percentile(during, 99) * 1000:.1f}",
+                ]
+            )
+    print(
+        markdown_table(
+            [
+                "size",
+                "call",
+                "n before",
+                "p50 before",
+                "p99 before",
+                "n during",
+                "p50 during",
+                "p99 during",
+            ],
+            neighbour_rows,
+            right=(2, 3, 4, 5, 6, 7),
         )
     )
     print()
@@ -476,6 +604,13 @@ async def run(args: argparse.Namespace) -> None:
     shutil.rmtree(CLIENTS_DIR, ignore_errors=True)
     CLIENTS_DIR.mkdir(parents=True)
     load(url, everyone)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO tenants (id, name) VALUES (%s, 'neighbour')", (NEIGHBOUR,))
+        conn.execute(
+            "INSERT INTO clients (tenant_id, email) SELECT %s, 'c' || g || '@neighbour.example'"
+            " FROM generate_series(1, %s) g",
+            (NEIGHBOUR, NEIGHBOUR_CLIENTS),
+        )
     # What the background compactor would long have done: the tenants own
     # aggregate rows, not a backlog of deltas.
     drain = drain_backlog(url, label="deprovision: data")
@@ -505,6 +640,8 @@ async def run(args: argparse.Namespace) -> None:
     ):
         say(f"provisioning_svc serving on {address} (log: {log_path})")
         stub = provisioning_pb2_grpc.ProvisioningServiceStub(channel)
+        neighbour = Neighbour(url)
+        neighbour.start()
         for label, tenants in measured.items():
             first = owned[tenants[0].tenant_id]
             result = FullRun(label, first.rows, first.pipeline)
@@ -513,14 +650,23 @@ async def run(args: argparse.Namespace) -> None:
                     raise SystemExit(
                         f"{tenant.tenant_id} owns {owned[tenant.tenant_id]}, not {first}"
                     )
-                elapsed = await deprovision_once(stub, metadata, url, tenant, first)
+                # The same span of the neighbour's calls before, for comparison.
+                await asyncio.sleep(NEIGHBOUR_BASELINE_S)
+                started, elapsed = await deprovision_once(stub, metadata, url, tenant, first)
                 result.seconds.append(elapsed)
+                for kind, seconds in neighbour.between(
+                    started - min(elapsed, NEIGHBOUR_BASELINE_S), started
+                ).items():
+                    result.before.setdefault(kind, []).extend(seconds)
+                for kind, seconds in neighbour.between(started, started + elapsed).items():
+                    result.during.setdefault(kind, []).extend(seconds)
                 say(f"{label}: {tenant.tenant_id} {first.rows:,} rows in {elapsed:.2f}s")
             full.append(result)
         say(
             f"{cut_tenant.tenant_id}: {owned[cut_tenant.tenant_id].rows:,} rows under"
             f" {args.cut_deadline:g}s deadlines"
         )
+        await neighbour.stop()
         cut = await deprovision_under_deadlines(
             stub, metadata, url, cut_tenant, owned[cut_tenant.tenant_id], args.cut_deadline
         )

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from functools import cached_property
 from typing import ClassVar, Generic, Self, TypeVar
@@ -86,7 +87,7 @@ def _check_plaintext(
         )
 
 
-class _ServiceClient(Generic[ChannelT]):
+class _ServiceClient(ABC, Generic[ChannelT]):
     """What every client shares: its channel, its credential and how long a
     call may take. The caller keeps owning a channel it passes in; `connect`
     opens one the client owns and closes."""
@@ -115,8 +116,9 @@ class _ServiceClient(Generic[ChannelT]):
         self._clock = clock
 
     @classmethod
+    @abstractmethod
     def _open_channel(cls, address: str, credentials: grpc.ChannelCredentials | None) -> ChannelT:
-        raise NotImplementedError
+        """A channel of the kind this client uses (async or blocking)."""
 
     @classmethod
     def connect(

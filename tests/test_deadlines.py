@@ -24,6 +24,9 @@ from tests.conftest import TEST_DB, TOKEN_READER, start_crm_server
 from tests.factories import create_tenant, unique_tenant
 from tests.rpc import bearer, error_info
 
+# Scheduling delay a loaded CI machine may add to an answer given in time.
+JITTER_S = 0.05
+
 
 def test_no_deadline_gets_the_server_default() -> None:
     before = time.monotonic()
@@ -196,7 +199,10 @@ async def test_a_call_queued_in_the_pooler_ends_by_its_deadline(
                 await db.ping(Deadline.after(0.5))
             elapsed = time.monotonic() - started
             assert caught.value.reason == "DB_TIMEOUT"
-            assert elapsed < 0.5, f"answered {elapsed:.3f}s after a 0.5 s deadline began"
+            # It normally answers about 8 ms early; the allowance is for a
+            # loaded machine's scheduling. Without the forced close it would
+            # wait until the pooler frees a connection (the end of this test).
+            assert elapsed < 0.5 + JITTER_S, f"answered {elapsed:.3f}s after a 0.5 s deadline began"
         await holder.rollback()  # the server connection is free again
         await db.ping(Deadline.after(5.0))
     finally:

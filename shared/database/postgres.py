@@ -270,10 +270,11 @@ class PostgresDatabase:
     ) -> Any:
         budget = deadline.budget(cap_s, operation)
         # The client side gives up after the server-side timeout (plus a grace),
-        # but always inside the caller's safety margin.
+        # but early enough that giving up, including the forced close after
+        # CANCEL_WAIT_S, still ends inside the caller's safety margin.
         give_up_at = min(
             time.monotonic() + budget + CLIENT_GRACE_S,
-            deadline.expires_at - SAFETY_MARGIN_S / 2,
+            deadline.expires_at - SAFETY_MARGIN_S / 2 - CANCEL_WAIT_S,
         )
         with timed_call(
             log,

@@ -84,7 +84,7 @@ MIN_BATCH_ROWS = 100
 # A batch starts only with this multiple of the last batch's duration left.
 BATCH_MARGIN = 1.5
 FIRST_BATCH_ROWS = 1000
-DEFAULT_MAX_BATCH_ROWS = 50_000
+DEFAULT_MAX_BATCH_ROWS = 100_000
 
 
 class Step(enum.StrEnum):

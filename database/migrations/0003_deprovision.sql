@@ -607,6 +607,7 @@ DECLARE
     v_rows jsonb;
     v_derived jsonb;
     v_done boolean;
+    v_seen jsonb := '{}';  -- table -> [derived, rows deleted], for each table visited
 BEGIN
     IF p_batch_rows IS NULL OR p_batch_rows < 1 THEN
         RAISE EXCEPTION 'batch size must be positive'
@@ -628,22 +629,24 @@ BEGIN
                 USING v_job.tenant_id, v_left;
         END IF;
         GET DIAGNOSTICS v_count = ROW_COUNT;
+        v_seen := v_seen || jsonb_build_object(
+            v_table.table_name, jsonb_build_array(v_table.derived, v_count));
         IF v_count > 0 THEN
             v_deleted := v_deleted || jsonb_build_object(v_table.table_name, v_count);
             v_left := v_left - v_count;
         END IF;
     END LOOP;
-    -- Each table gave fewer rows than it was asked for: all of them are empty.
+    -- Each table gave fewer rows than it was asked for: all of them are empty
+    -- (and all were visited).
     v_done := v_left > 0;
 
     -- This batch's counts, split; the finished step lists every table, 0 included.
-    SELECT coalesce(jsonb_object_agg(t.table_name, coalesce(v_deleted -> t.table_name, '0'))
-                        FILTER (WHERE NOT t.derived), '{}'),
-           coalesce(jsonb_object_agg(t.table_name, coalesce(v_deleted -> t.table_name, '0'))
-                        FILTER (WHERE t.derived), '{}')
+    SELECT coalesce(jsonb_object_agg(t.key, t.n) FILTER (WHERE NOT t.derived), '{}'),
+           coalesce(jsonb_object_agg(t.key, t.n) FILTER (WHERE t.derived), '{}')
     INTO v_rows, v_derived
-    FROM deprovision_tables() t
-    WHERE v_done OR v_deleted ? t.table_name;
+    FROM (SELECT key, (value ->> 0)::boolean AS derived, value -> 1 AS n
+          FROM jsonb_each(v_seen)) t
+    WHERE v_done OR t.n <> '0';
     v_rows := deprovision_add_rows(v_job.steps -> 'TENANT_DATA' -> 'rows', v_rows);
     v_derived := deprovision_add_rows(v_job.steps -> 'TENANT_DATA' -> 'derived_rows', v_derived);
 

@@ -288,6 +288,26 @@ def test_delete_order_puts_every_child_before_its_parent(
         assert order[child] < order[parent], (child, parent)
 
 
+def test_our_foreign_keys_between_tenant_tables_are_on_delete_restrict(
+    sql: psycopg.Connection[Any],
+) -> None:
+    """NO ACTION would double the cost of the check deprovisioning pays for
+    every deleted row that others reference (docs/design.md, "Deprovisioning")."""
+    actions = dict(
+        sql.execute(
+            "SELECT format('%s -> %s', conrelid::regclass, confrelid::regclass), confdeltype"
+            " FROM pg_constraint"
+            " WHERE contype = 'f' AND confrelid IN ('clients'::regclass, 'quotes'::regclass)"
+        ).fetchall()
+    )
+    assert actions == {
+        "quotes -> clients": "r",
+        "invoices -> clients": "r",
+        "invoices -> quotes": "r",
+        "activities -> clients": "r",
+    }
+
+
 def test_a_foreign_key_cycle_between_tenant_tables_is_refused(
     sql: psycopg.Connection[Any],
 ) -> None:

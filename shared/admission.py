@@ -8,7 +8,9 @@ or when the wait it can expect (the work queued ahead of it, spread over the
 limit's slots, from the recent service times of the methods waiting) and its
 own service time do not fit in what is left of its deadline: such a call would
 only spend its caller's budget and a database connection to end
-DEADLINE_EXCEEDED. A queued call whose estimate proves wrong gives up (the
+DEADLINE_EXCEEDED. So is a call that arrives with less time left than its
+method's service time (it waited that long in grpc's backlog, before the
+server could see it). A queued call whose estimate proves wrong gives up (the
 same status) while it can still answer in time.
 
 `Admission` maps methods to their limit: every method shares the server's
@@ -48,6 +50,7 @@ MAX_RETRY_AFTER_S = 5.0
 QUEUE_FULL = "QUEUE_FULL"
 DEADLINE_BELOW_QUEUE_WAIT = "DEADLINE_BELOW_QUEUE_WAIT"
 QUEUE_WAIT_EXPIRED = "QUEUE_WAIT_EXPIRED"
+DEADLINE_BELOW_SERVICE_TIME = "DEADLINE_BELOW_SERVICE_TIME"
 
 
 @dataclass
@@ -103,16 +106,20 @@ class ConcurrencyLimit:
     async def acquire(self, method: str, service: ServiceTime, deadline: Deadline) -> None:
         """Take a slot, or raise ResourceExhausted (at once, or when waiting longer
         would leave too little of the deadline to serve the call)."""
+        expected_s = service.expected_s
+        # Leave the boundary's margin for answering, as every budget does.
+        spare_s = deadline.remaining() - SAFETY_MARGIN_S - expected_s
         if self.in_flight < self.limit and not self._waiters:
+            if spare_s < 0:
+                # It waited in grpc's own backlog until too late to be served:
+                # serving it anyway would spend a connection on a sure timeout.
+                raise self._shed(method, DEADLINE_BELOW_SERVICE_TIME, 0.0)
             self.in_flight += 1
             self._in_flight_gauge.set(self.in_flight)
             return
-        expected_s = service.expected_s
         wait_s = self.expected_wait_s(expected_s)
         if len(self._waiters) >= self.max_queue:
             raise self._shed(method, QUEUE_FULL, wait_s)
-        # Leave the boundary's margin for answering, as every budget does.
-        spare_s = deadline.remaining() - SAFETY_MARGIN_S - expected_s
         if wait_s > spare_s:
             raise self._shed(method, DEADLINE_BELOW_QUEUE_WAIT, wait_s)
         waiter = _Waiter(expected_s, asyncio.get_running_loop().create_future())

@@ -29,6 +29,7 @@ from crm_svc.servicer import crm_service
 from provisioning_svc.servicer import provisioning_service
 from shared.admission import (
     DEADLINE_BELOW_QUEUE_WAIT,
+    DEADLINE_BELOW_SERVICE_TIME,
     DEPROVISION_METHOD,
     QUEUE_FULL,
     QUEUE_WAIT_EXPIRED,
@@ -49,7 +50,12 @@ from tests.polling import wait_until
 from tests.provisioning_fixtures import FakeReply, FakeSendGrid, seed_tenant
 from tests.rpc import bearer, detail, error_info
 
-SHED_REASONS = {QUEUE_FULL, DEADLINE_BELOW_QUEUE_WAIT, QUEUE_WAIT_EXPIRED}
+SHED_REASONS = {
+    QUEUE_FULL,
+    DEADLINE_BELOW_QUEUE_WAIT,
+    QUEUE_WAIT_EXPIRED,
+    DEADLINE_BELOW_SERVICE_TIME,
+}
 SERVING = health_pb2.HealthCheckResponse.SERVING
 # Past grpc core's default pending-request limits (1000 soft, 3000 hard), where
 # core itself ended calls with CANCELLED before the server raised them.
@@ -268,7 +274,7 @@ async def test_health_and_reflection_are_never_shed(one_slot_no_queue: GatedServ
     assert await server.hold(10) == b"x"  # the slot is free again
 
 
-async def test_a_deadline_shorter_than_the_queue_is_refused_on_arrival(
+async def test_a_deadline_shorter_than_the_expected_wait_is_refused_on_arrival(
     one_slot_queue: GatedServer,
 ) -> None:
     server = one_slot_queue
@@ -279,6 +285,11 @@ async def test_a_deadline_shorter_than_the_queue_is_refused_on_arrival(
     server.gate.open.set()
     await first
     server.gate.open.clear()
+
+    # The slot is free, but half a second cannot cover the call itself.
+    hurried = await server.refused(0.5)
+    assert_shed(hurried, "gate.test", {DEADLINE_BELOW_SERVICE_TIME})
+    assert server.gate.entered == 1
 
     holding = server.hold(30)
     await wait_until(lambda: server.gate.entered == 2, "a call holds the slot", 10)

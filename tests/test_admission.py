@@ -38,9 +38,11 @@ from shared.admission import (
 )
 from shared.auth import METHOD_ACCESS, SCOPE_PIPELINE_READ, TokenRegistry, requires
 from shared.database.postgres import PostgresDatabase
-from shared.errors import ResourceExhausted
+from shared.deadline import Deadline
+from shared.errors import ResourceExhausted, ServiceError
 from shared.proto_gen.crm.v1 import crm_pb2, crm_pb2_grpc
 from shared.proto_gen.provisioning.v1 import provisioning_pb2, provisioning_pb2_grpc
+from shared.rpc_clients import CrmClient
 from shared.server import Service, create_server
 from shared.settings import Settings
 from shared.status import error_from_rpc
@@ -124,8 +126,19 @@ async def test_a_burst_is_served_or_shed_never_cancelled_and_health_stays_servin
 
         outcomes: list[grpc.StatusCode] = []
         shed: list[grpc.aio.AioRpcError] = []
+        # Every fourth call goes through our client helper, as another service's would.
+        helpers = [CrmClient(c, TOKEN_READER) for c in channels]
+        helper_errors: list[ServiceError] = []
 
         async def one(index: int) -> None:
+            if index % 4 == 0:
+                try:
+                    await helpers[index % len(helpers)].pipeline_summary(
+                        tenant, deadline=Deadline.after(BURST_DEADLINE_S)
+                    )
+                except ServiceError as exc:
+                    helper_errors.append(exc)
+                return
             try:
                 await stubs[index % len(stubs)].PipelineSummary(
                     request, metadata=bearer(TOKEN_READER), timeout=BURST_DEADLINE_S
@@ -151,7 +164,11 @@ async def test_a_burst_is_served_or_shed_never_cancelled_and_health_stays_servin
         await watcher
 
         codes = Counter(code.name for code in outcomes)
-        assert sum(codes.values()) == BURST_CALLS
+        assert sum(codes.values()) + BURST_CALLS // 4 == BURST_CALLS
+        assert all(
+            isinstance(e, ResourceExhausted) and e.retry_after_s > 0 and e.reason in SHED_REASONS
+            for e in helper_errors
+        ), helper_errors[:3]
         assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes  # no CANCELLED, no timeouts
         assert codes["OK"] > 0 and codes["RESOURCE_EXHAUSTED"] > 0, codes
         for error in shed:

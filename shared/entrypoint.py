@@ -47,6 +47,7 @@ async def run_service(
             database=db,
             tls=settings.server_tls,
             allow_insecure=settings.allow_insecure,
+            admission=settings.admission,
         )
         await serve(
             handle,

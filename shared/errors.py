@@ -71,6 +71,17 @@ class Unavailable(ServiceError):
         self.retry_after_s = retry_after_s
 
 
+class ResourceExhausted(ServiceError):
+    """The server is at capacity: the call was refused before it started
+    (docs/design.md, "Admission"). Safe to retry after `retry_after_s`."""
+
+    default_reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after_s = retry_after_s
+
+
 class Unimplemented(ServiceError):
     """The method exists on the server but is not open to callers (see the access table)."""
 

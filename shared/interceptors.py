@@ -10,7 +10,9 @@ access table (`shared.auth.METHOD_ACCESS`):
   unary-stream, stream-unary, stream-stream). Per call the wrapper builds the
   RPC's one `Deadline` (the caller's, else the service's default),
   authenticates the bearer token, checks the method's scope, publishes the
-  admitted RPC (`shared.inbound_rpc`), runs the handler, turns typed errors
+  admitted RPC (`shared.inbound_rpc`), takes a slot of the method's
+  concurrency limit (`shared.admission`: RESOURCE_EXHAUSTED at once when the
+  call cannot be served in time), runs the handler, turns typed errors
   into statuses (`shared.status`, the one mapping), and records metrics and
   the access log line.
 
@@ -31,6 +33,7 @@ from typing import Any, NoReturn
 import grpc
 from grpc.aio import ServicerContext
 
+from shared.admission import Admission, ConcurrencyLimit, ServiceTime
 from shared.auth import MethodAccess, TokenRegistry
 from shared.deadline import Deadline
 from shared.errors import InvalidArgument, ServiceError, Unauthenticated, Unimplemented
@@ -106,19 +109,22 @@ class _MethodBoundary:
         default_deadline_s: float,
         tokens: Callable[[], TokenRegistry],
         domain: str,
+        limit: ConcurrencyLimit,
     ) -> None:
         self._method = method
         self._access = access
         self._default_deadline_s = default_deadline_s
         self._tokens = tokens
         self._domain = domain
+        self._limit = limit
+        self._service_time = ServiceTime()
         # This method's metrics, labelled once.
         self._in_flight = RPCS_IN_FLIGHT.labels(method)
         self._seconds = RPC_SECONDS.labels(method)
         self._by_code: dict[grpc.StatusCode, Any] = {}  # the RPCS counter by code
 
-    def _admit(self, context: ServicerContext) -> None:
-        """Refuse, or publish the admitted RPC with its one deadline."""
+    def _admit(self, context: ServicerContext) -> Deadline:
+        """Refuse, or publish the admitted RPC with its one deadline (returned)."""
         deadline = Deadline.from_time_remaining(context.time_remaining(), self._default_deadline_s)
         if self._access is None:
             raise Unimplemented(
@@ -130,6 +136,11 @@ class _MethodBoundary:
         if self._access.scope is not None:
             caller.require_scope(self._access.scope)
         INBOUND_RPC.set(InboundRpc(self._method, caller, deadline))
+        return deadline
+
+    def _release(self, began: float) -> None:
+        self._limit.release()
+        self._service_time.observe(time.monotonic() - began)
 
     def _begin(self) -> _Call:
         self._in_flight.inc()
@@ -177,9 +188,14 @@ class _MethodBoundary:
         async def behaviour(request: Any, context: ServicerContext) -> Any:
             call = self._begin()
             try:
-                self._admit(context)
+                deadline = self._admit(context)
                 _reject_undecodable(request)
-                return await inner(request, context)
+                await self._limit.acquire(self._method, self._service_time, deadline)
+                began = time.monotonic()
+                try:
+                    return await inner(request, context)
+                finally:
+                    self._release(began)
             except BaseException as exc:
                 await self._fail(call, exc, context)
             finally:
@@ -194,14 +210,19 @@ class _MethodBoundary:
         async def behaviour(request: Any, context: ServicerContext) -> AsyncIterator[Any]:
             call = self._begin()
             try:
-                self._admit(context)
+                deadline = self._admit(context)
                 _reject_undecodable(request)
-                responses = inner(request, context)
-                if inspect.isawaitable(responses):
-                    await responses
-                else:
-                    async for response in responses:
-                        yield response
+                await self._limit.acquire(self._method, self._service_time, deadline)
+                began = time.monotonic()
+                try:
+                    responses = inner(request, context)
+                    if inspect.isawaitable(responses):
+                        await responses
+                    else:
+                        async for response in responses:
+                            yield response
+                finally:
+                    self._release(began)
             except BaseException as exc:
                 await self._fail(call, exc, context)
             finally:
@@ -244,7 +265,8 @@ def _wrap(handler: grpc.RpcMethodHandler, boundary: _MethodBoundary) -> grpc.Rpc
 
 
 class RpcBoundary(grpc.aio.ServerInterceptor):
-    """Access table, authentication, the RPC's deadline, statuses, metrics, logs.
+    """Access table, authentication, the RPC's deadline, admission control
+    (docs/design.md, "Admission"), statuses, metrics, logs.
 
     A method that has a handler but no entry in the access table is refused
     with UNIMPLEMENTED, checked before the credential, so that every caller
@@ -263,13 +285,16 @@ class RpcBoundary(grpc.aio.ServerInterceptor):
         tokens: Callable[[], TokenRegistry],
         method_access: Mapping[str, MethodAccess],
         default_deadlines_s: Mapping[str, float],
+        admission: Admission,
     ) -> None:
         """`default_deadlines_s`: the deadline applied when the caller sets none,
-        by service name (e.g. `crm.v1.CrmService`)."""
+        by service name (e.g. `crm.v1.CrmService`); `admission`: the concurrency
+        limit each method's calls take a slot of."""
         self._domain = domain
         self._tokens = tokens
         self._access = method_access
         self._default_deadlines_s = default_deadlines_s
+        self._admission = admission
         # method -> (the handler wrapped, the wrapper); rebuilt only if it changes.
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
@@ -295,6 +320,7 @@ class RpcBoundary(grpc.aio.ServerInterceptor):
             self._default_deadlines_s.get(service, FALLBACK_DEFAULT_DEADLINE_S),
             self._tokens,
             self._domain,
+            self._admission.limit_for(method),
         )
         wrapped = _wrap(handler, boundary)
         self._wrapped[method] = (handler, wrapped)

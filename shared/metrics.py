@@ -16,6 +16,22 @@ RPC_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 RPCS_IN_FLIGHT = Gauge("rpc_in_flight", "RPCs being handled", ["method"])
+# Admission control (shared/admission.py): refused calls, and each limit's state.
+RPCS_SHED = Counter(
+    "rpc_shed",
+    "RPCs refused by admission control (RESOURCE_EXHAUSTED), by method and reason",
+    ["method", "reason"],
+)
+ADMISSION_IN_FLIGHT = Gauge(
+    "admission_in_flight", "Calls holding a slot of a concurrency limit", ["limit"]
+)
+ADMISSION_QUEUED = Gauge(
+    "admission_queued", "Calls waiting for a slot of a concurrency limit", ["limit"]
+)
+EVENT_LOOP_LAG = Gauge(
+    "event_loop_lag_seconds",
+    "How late the health watcher's last wake-up was: time the event loop could not run",
+)
 CALL_SECONDS = Histogram(
     "outbound_call_duration_seconds",
     "Database and SendGrid call latency, by transport, operation and outcome",

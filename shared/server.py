@@ -1,9 +1,11 @@
 """The grpc.aio server both services run on.
 
 `create_server(listen, services, ...)` builds a server with health (which
-follows the database's reachability), reflection, and the server boundary
-(shared/interceptors.py: access table, auth, the RPC's deadline, the error
-mapping, metrics and the access log); tests reuse it with port 0. `serve()` runs one until SIGTERM/SIGINT, then drains: health goes
+follows the database's reachability and the event loop's responsiveness),
+reflection, and the server boundary (shared/interceptors.py: access table,
+auth, the RPC's deadline, admission control, the error mapping, metrics and
+the access log); tests reuse it with port 0. `serve()` runs one until
+SIGTERM/SIGINT, then drains: health goes
 NOT_SERVING first, then `stop(grace)` lets in-flight calls finish. Background
 work a service runs beside its server (`BackgroundTask`) starts once the
 server serves and is cancelled, and awaited, when shutdown begins.
@@ -23,12 +25,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from shared.admission import Admission
 from shared.auth import METHOD_ACCESS, MethodAccess, TokenRegistry
 from shared.database import Database
 from shared.deadline import Deadline
 from shared.errors import FailedPrecondition, ServiceError
 from shared.interceptors import RpcBoundary
 from shared.logs import kv
+from shared.metrics import EVENT_LOOP_LAG
+from shared.settings import Settings
 from shared.tls import ServerTls
 
 log = logging.getLogger(__name__)
@@ -39,6 +44,19 @@ MAX_SEND_BYTES = 4 * 1024 * 1024
 
 HEALTH_PROBE_INTERVAL_S = 1.0
 HEALTH_PROBE_TIMEOUT_S = 1.0
+# The health watcher's own sleep overshooting by this much means the event
+# loop was blocked that long: nothing could be served meanwhile, so health
+# says NOT_SERVING for that round (docs/design.md, "Admission").
+LOOP_BLOCKED_S = 1.0
+
+# grpc core's backlog of calls received but not yet taken by the application:
+# above the soft limit it refuses new calls at random, always above the hard
+# one (defaults 1000 and 3000), and its refusal reaches the caller as
+# CANCELLED, a status that tells it nothing. Admission control sheds instead,
+# with a status that says why (docs/design.md, "Admission"), so core's limits
+# are set far above any burst it would have to take.
+CORE_MAX_PENDING_REQUESTS = 20_000
+CORE_MAX_PENDING_REQUESTS_HARD = 40_000
 
 
 @dataclass(frozen=True)
@@ -130,20 +148,32 @@ class ServerHandle:
             await self.health.set(name, status)
 
     async def _watch_database(self, database: Database) -> None:
-        """Health says NOT_SERVING while the database cannot be reached.
+        """Health says NOT_SERVING while the database cannot be reached (a
+        wedged pool times the probe out too), and for a round after the event
+        loop was blocked.
 
         Only cancellation (shutdown) ends the watch: whatever else goes wrong in
         a round is logged, and the next round comes as usual.
         """
         serving = True
+        loop = asyncio.get_running_loop()
         while True:
+            slept_from = loop.time()
             await asyncio.sleep(self.health_probe_interval_s)
+            lag_s = max(0.0, loop.time() - slept_from - self.health_probe_interval_s)
+            EVENT_LOOP_LAG.set(lag_s)
             try:
+                responsive = lag_s < LOOP_BLOCKED_S
+                if not responsive:
+                    log.warning(kv("event_loop_blocked", seconds=round(lag_s, 3)))
                 reachable = await _reachable(database)
-                if reachable != serving:
-                    log.warning(kv("database_health", reachable=reachable))
-                    await self._set_health(serving=reachable)
-                    serving = reachable
+                healthy = reachable and responsive
+                if healthy != serving:
+                    log.warning(
+                        kv("database_health", reachable=reachable, loop_responsive=responsive)
+                    )
+                    await self._set_health(serving=healthy)
+                    serving = healthy
             except Exception:
                 log.exception(kv("health_watch_round_failed"))
 
@@ -181,11 +211,13 @@ def create_server(
     allow_insecure: bool = False,
     method_access: Mapping[str, MethodAccess] = METHOD_ACCESS,
     health_probe_interval_s: float = HEALTH_PROBE_INTERVAL_S,
+    admission: Admission | None = None,
 ) -> ServerHandle:
     """A server hosting `services`; `method_access` is the access table it
     enforces (tests extend it for methods of their own). With a `database`,
     health follows whether it can be reached, probed every
-    `health_probe_interval_s`."""
+    `health_probe_interval_s`. `admission` bounds the calls in flight (by
+    default, from the default database pool size)."""
     if tls is None and not is_loopback(listen) and not allow_insecure:
         raise FailedPrecondition(
             f"refusing plaintext gRPC on non-loopback address {listen}; "
@@ -199,12 +231,15 @@ def create_server(
                 tokens=tokens,
                 method_access=method_access,
                 default_deadlines_s={s.name: s.default_deadline_s for s in services},
+                admission=admission or Admission.for_pool(Settings.db_pool_max),
             )
         ],
         options=[
             ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
             ("grpc.max_send_message_length", MAX_SEND_BYTES),
             ("grpc.so_reuseport", 0),
+            ("grpc.server.max_pending_requests", CORE_MAX_PENDING_REQUESTS),
+            ("grpc.server.max_pending_requests_hard_limit", CORE_MAX_PENDING_REQUESTS_HARD),
         ],
     )
     for service in services:

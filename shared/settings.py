@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.admission import Admission
 from shared.errors import FailedPrecondition
 from shared.tls import ServerTls
 
@@ -60,6 +61,13 @@ def _count(env: Mapping[str, str], name: str, default: int, *, low: int, high: i
     return value
 
 
+def _optional_count(env: Mapping[str, str], name: str, *, low: int, high: int) -> int | None:
+    """A whole number, or None when unset (a default derived elsewhere applies)."""
+    if not (env.get(name) or "").strip():
+        return None
+    return _count(env, name, low, low=low, high=high)
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str | None = None
@@ -81,6 +89,12 @@ class Settings:
     slow_call_ms: int = 3000
     db_pool_min: int = 1
     db_pool_max: int = 10
+    # Admission control (shared/admission.py): calls running at once (None: twice
+    # db_pool_max), calls queued behind them (None: 25 per running slot), and
+    # Deprovision's own bound.
+    admission_max_in_flight: int | None = None
+    admission_max_queued: int | None = None
+    deprovision_max_in_flight: int = 2
     dev_mode: bool = False
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
@@ -120,6 +134,15 @@ class Settings:
             slow_call_ms=int(env.get("SLOW_CALL_MS") or 3000),
             db_pool_min=int(env.get("DB_POOL_MIN") or 1),
             db_pool_max=int(env.get("DB_POOL_MAX") or 10),
+            admission_max_in_flight=_optional_count(
+                env, "ADMISSION_MAX_IN_FLIGHT", low=1, high=100_000
+            ),
+            admission_max_queued=_optional_count(
+                env, "ADMISSION_MAX_QUEUED", low=0, high=1_000_000
+            ),
+            deprovision_max_in_flight=_count(
+                env, "DEPROVISION_MAX_IN_FLIGHT", cls.deprovision_max_in_flight, low=1, high=1000
+            ),
             dev_mode=_flag(env.get("DEV_MODE")),
             tls_cert_file=path("TLS_CERT_FILE"),
             tls_key_file=path("TLS_KEY_FILE"),
@@ -141,6 +164,16 @@ class Settings:
             crm_pipeline_rebuild_timeout_s=_seconds(
                 env, "CRM_PIPELINE_REBUILD_TIMEOUT_S", cls.crm_pipeline_rebuild_timeout_s
             ),
+        )
+
+    @property
+    def admission(self) -> Admission:
+        """The concurrency limits of a server, from these settings."""
+        return Admission.for_pool(
+            self.db_pool_max,
+            max_in_flight=self.admission_max_in_flight,
+            max_queued=self.admission_max_queued,
+            deprovision_max_in_flight=self.deprovision_max_in_flight,
         )
 
     @property

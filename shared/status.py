@@ -2,7 +2,8 @@
 Google AIP-193).
 
 Every non-OK status carries a google.rpc.Status with an ErrorInfo; invalid
-arguments add a BadRequest, retryable failures a RetryInfo. `error_from_rpc`
+arguments add a BadRequest, retryable failures (UNAVAILABLE, RESOURCE_EXHAUSTED)
+a RetryInfo. `error_from_rpc`
 is the way back, for callers of our services (shared.rpc_clients).
 """
 
@@ -26,6 +27,7 @@ from shared.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     ServiceError,
     Unauthenticated,
     Unavailable,
@@ -43,6 +45,7 @@ _CODES: dict[type[ServiceError], int] = {
     Aborted: code_pb2.ABORTED,
     DeadlineExceeded: code_pb2.DEADLINE_EXCEEDED,
     Unavailable: code_pb2.UNAVAILABLE,
+    ResourceExhausted: code_pb2.RESOURCE_EXHAUSTED,
     Unimplemented: code_pb2.UNIMPLEMENTED,
     Internal: code_pb2.INTERNAL,
 }
@@ -72,7 +75,7 @@ def to_rpc_status(error: ServiceError, domain: str) -> grpc.Status:
             field=error.field, description=error.message
         )
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
-    if isinstance(error, Unavailable):
+    if isinstance(error, Unavailable | ResourceExhausted):
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(int(error.retry_after_s * 1000))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
@@ -155,8 +158,9 @@ def error_from_rpc(failure: grpc.RpcError) -> ServiceError:
         return InvalidArgument(
             message, field=field, reason=reason, metadata=metadata, details=extras
         )
-    if cls is Unavailable and retry_after_s is not None:
-        return Unavailable(
+    if cls in (Unavailable, ResourceExhausted) and retry_after_s is not None:
+        retryable = Unavailable if cls is Unavailable else ResourceExhausted
+        return retryable(
             message,
             retry_after_s=retry_after_s,
             reason=reason,

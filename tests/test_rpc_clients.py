@@ -38,6 +38,7 @@ from shared.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     ServiceError,
     Unauthenticated,
     Unavailable,
@@ -384,12 +385,13 @@ PLAIN_CODES: list[tuple[grpc.StatusCode, type[ServiceError]]] = [
     (grpc.StatusCode.ABORTED, Aborted),
     (grpc.StatusCode.DEADLINE_EXCEEDED, DeadlineExceeded),
     (grpc.StatusCode.UNAVAILABLE, Unavailable),
+    # Admission control sheds with it (grpc also sends it for an oversized message).
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, ResourceExhausted),
     (grpc.StatusCode.INTERNAL, Internal),
     # A method the server does not have, or does not open to callers.
     (grpc.StatusCode.UNIMPLEMENTED, Unimplemented),
     # Codes our services never send.
     (grpc.StatusCode.UNKNOWN, Internal),
-    (grpc.StatusCode.RESOURCE_EXHAUSTED, Internal),
     (grpc.StatusCode.CANCELLED, Internal),
 ]
 
@@ -405,8 +407,10 @@ async def test_status_without_details_maps_by_its_code(
         await outcome
     assert type(caught.value) is expected
     assert (caught.value.message, caught.value.reason) == ("went wrong", code.name)
-    if expected is Unavailable:
-        assert isinstance(caught.value, Unavailable) and caught.value.retry_after_s == 1.0
+    if expected in (Unavailable, ResourceExhausted):
+        # Without a RetryInfo: the default delay.
+        assert isinstance(caught.value, Unavailable | ResourceExhausted)
+        assert caught.value.retry_after_s == 1.0
 
 
 async def test_details_contradicting_the_code_are_ignored() -> None:

@@ -50,3 +50,35 @@ def test_compaction_settings_refuse_garbage(name: str, value: str, message: str)
         Settings.from_env({name: value})
     assert caught.value.reason == "BAD_CONFIG"
     assert name in caught.value.message and message in caught.value.message
+
+
+def test_admission_bounds_derive_from_the_pool_unless_set() -> None:
+    derived = Settings.from_env({"DB_POOL_MAX": "6"}).admission
+    assert (derived.general.limit, derived.general.max_queue) == (12, 300)
+    (deprovision,) = derived.own.values()
+    assert (deprovision.name, deprovision.limit) == ("deprovision", 2)
+
+    configured = Settings.from_env(
+        {
+            "ADMISSION_MAX_IN_FLIGHT": "8",
+            "ADMISSION_MAX_QUEUED": "0",
+            "DEPROVISION_MAX_IN_FLIGHT": "1",
+        }
+    ).admission
+    assert (configured.general.limit, configured.general.max_queue) == (8, 0)
+    assert [limit.limit for limit in configured.own.values()] == [1]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("ADMISSION_MAX_IN_FLIGHT", "0", "must be in [1, 100000]"),
+        ("ADMISSION_MAX_IN_FLIGHT", "many", "must be a whole number"),
+        ("ADMISSION_MAX_QUEUED", "-1", "must be in [0, 1000000]"),
+        ("DEPROVISION_MAX_IN_FLIGHT", "0", "must be in [1, 1000]"),
+    ],
+)
+def test_admission_settings_refuse_garbage(name: str, value: str, message: str) -> None:
+    with pytest.raises(FailedPrecondition) as caught:
+        Settings.from_env({name: value})
+    assert name in caught.value.message and message in caught.value.message

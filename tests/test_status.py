@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
-from shared.errors import InvalidArgument, Unavailable
+from shared.errors import InvalidArgument, ResourceExhausted, Unavailable
 from shared.status import internal_error, to_rpc_status
 
 
@@ -40,3 +40,13 @@ def test_unavailable_says_when_to_retry() -> None:
     retry = error_details_pb2.RetryInfo()
     assert rich.details[1].Unpack(retry)
     assert retry.retry_delay.ToMilliseconds() == 2500
+
+
+def test_resource_exhausted_says_when_to_retry_and_why() -> None:
+    shed = ResourceExhausted("at capacity", retry_after_s=0.25, reason="QUEUE_FULL")
+    rich = decode(to_rpc_status(shed, "d"))
+    assert rich.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    info, retry = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
+    assert rich.details[0].Unpack(info) and (info.reason, info.domain) == ("QUEUE_FULL", "d")
+    assert rich.details[1].Unpack(retry)
+    assert retry.retry_delay.ToMilliseconds() == 250

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shared.auth import TokenRegistry
 from shared.database import Database
 from shared.deadline import Deadline
-from shared.server import create_server
+from shared.server import LOOP_BLOCKED_S, create_server
 
 PROBE_INTERVAL_S = 0.05
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -97,3 +98,23 @@ async def test_an_unexpected_exception_in_a_probe_does_not_end_the_watch(
     watched.database.failure = None
     await wait_for_status(watched, SERVING, "probes that work again")
     assert watched.database.pings[-1] is False
+
+
+async def test_a_blocked_event_loop_turns_health_not_serving_for_a_round(
+    watched: Watched,
+) -> None:
+    """Nothing is served while the loop is blocked; health says so once it runs
+    again, then follows the database as before."""
+    await wait_for_status(watched, SERVING, "a healthy database")
+    statuses: list[int] = []
+    async with asyncio.timeout(10):
+        updates = watched.health.Watch(health_pb2.HealthCheckRequest())
+        async for update in updates:
+            statuses.append(int(update.status))
+            if statuses == [SERVING]:
+                # On purpose: blocks the server's loop (and ours).
+                time.sleep(LOOP_BLOCKED_S + 0.2)  # noqa: ASYNC251
+            elif NOT_SERVING in statuses and statuses[-1] == SERVING:
+                break
+        updates.cancel()
+    assert statuses[0] == SERVING and NOT_SERVING in statuses and statuses[-1] == SERVING

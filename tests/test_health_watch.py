@@ -1,6 +1,7 @@
 """The health watcher of a real server survives any exception: a probe that
 fails in a way nobody expected turns health NOT_SERVING and is logged, and the
-watcher goes on, so health follows the database again once probes work."""
+watcher goes on, so health follows the database again once probes work. A
+blocked event loop turns health NOT_SERVING for a round."""
 
 from __future__ import annotations
 

@@ -1,20 +1,28 @@
 """Structured logging: one line per event, `event key=value ...`.
 
-Only the fields passed are logged; credentials are never among them.
+Only the fields passed are logged; credentials are never among them. Lines
+are formatted where they are logged and written by a thread of their own, so
+a slow or stalled stderr (a full pipe to a log shipper, a disk in writeback)
+never stalls the event loop; if the writer falls `LOG_QUEUE_LINES` behind,
+new lines are dropped and counted (`log_lines_dropped_total`).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
+import queue
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from logging.handlers import QueueHandler, QueueListener
+from typing import IO, Any
 
 from shared.errors import DeadlineExceeded
 from shared.inbound_rpc import inbound_caller_name
-from shared.metrics import CALL_SECONDS
+from shared.metrics import CALL_SECONDS, LOG_LINES_DROPPED
 
 
 class CallerFilter(logging.Filter):
@@ -42,7 +50,46 @@ class LineFormatter(logging.Formatter):
         return self._stamp
 
 
-def configure_logging(level: int = logging.INFO) -> None:
+# Lines formatted but not yet written that the writer thread may fall behind by.
+LOG_QUEUE_LINES = 10_000
+
+
+class LineQueueHandler(QueueHandler):
+    """Formats each line on the thread that logs it (the caller is a context
+    variable of that thread), and queues it for the writer thread; drops it,
+    counted, when the queue is full rather than wait."""
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            LOG_LINES_DROPPED.inc()
+
+
+_writer: QueueListener | None = None
+
+
+def _stop_writer() -> None:
+    """Write what is queued, then end the writer thread (at exit)."""
+    global _writer
+    if _writer is None:
+        return
+    writer, _writer = _writer, None
+    # Without room for the stop marker, the thread (a daemon) ends with us.
+    with contextlib.suppress(queue.Full):
+        writer.stop()
+
+
+atexit.register(_stop_writer)
+
+
+def configure_logging(
+    level: int = logging.INFO,
+    *,
+    stream: IO[str] | None = None,
+    queue_lines: int = LOG_QUEUE_LINES,
+) -> None:
+    """Log lines of `level` and above to `stream` (stderr) through the writer thread."""
     # Our lines name no source file, thread or process: skip collecting them
     # (the logging documentation's "Optimization" flags; the stack walk of
     # findCaller was most of a record's cost).
@@ -50,9 +97,16 @@ def configure_logging(level: int = logging.INFO) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
+    global _writer
+    _stop_writer()
+    lines: queue.Queue[logging.LogRecord] = queue.Queue(maxsize=queue_lines)
+    handler = LineQueueHandler(lines)
     handler.addFilter(CallerFilter())
     handler.setFormatter(LineFormatter())
+    output = logging.StreamHandler(sys.stderr if stream is None else stream)
+    output.setFormatter(logging.Formatter("%(message)s"))  # formatted already
+    _writer = QueueListener(lines, output)
+    _writer.start()
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -42,6 +42,10 @@ DEADLINE_EXHAUSTED = Counter(
     "deadline_exhausted", "Operations refused or cut because the deadline ran out", ["operation"]
 )
 SENDGRID_CALLS = Counter("sendgrid_calls", "SendGrid API calls, by outcome", ["outcome"])
+LOG_LINES_DROPPED = Counter(
+    "log_lines_dropped",
+    "Log lines dropped because the log output could not keep up (shared/logs.py)",
+)
 DEPROVISION_JOBS = Counter(
     "deprovision_jobs", "Deprovision calls, by resulting job state", ["state"]
 )

@@ -23,6 +23,7 @@ built once per method and reused: nothing is built per RPC but the call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -138,9 +139,17 @@ class _MethodBoundary:
         INBOUND_RPC.set(InboundRpc(self._method, caller, deadline))
         return deadline
 
-    def _release(self, began: float) -> None:
-        self._limit.release()
-        self._service_time.observe(time.monotonic() - began)
+    @contextlib.asynccontextmanager
+    async def _slot(self, deadline: Deadline) -> AsyncIterator[None]:
+        """Hold a slot of the method's concurrency limit (or be refused), and
+        time the call for the method's service time."""
+        await self._limit.acquire(self._method, self._service_time, deadline)
+        began = time.monotonic()
+        try:
+            yield
+        finally:
+            self._limit.release()
+            self._service_time.observe(time.monotonic() - began)
 
     def _begin(self) -> _Call:
         self._in_flight.inc()
@@ -190,12 +199,8 @@ class _MethodBoundary:
             try:
                 deadline = self._admit(context)
                 _reject_undecodable(request)
-                await self._limit.acquire(self._method, self._service_time, deadline)
-                began = time.monotonic()
-                try:
+                async with self._slot(deadline):
                     return await inner(request, context)
-                finally:
-                    self._release(began)
             except BaseException as exc:
                 await self._fail(call, exc, context)
             finally:
@@ -212,17 +217,13 @@ class _MethodBoundary:
             try:
                 deadline = self._admit(context)
                 _reject_undecodable(request)
-                await self._limit.acquire(self._method, self._service_time, deadline)
-                began = time.monotonic()
-                try:
+                async with self._slot(deadline):
                     responses = inner(request, context)
                     if inspect.isawaitable(responses):
                         await responses
                     else:
                         async for response in responses:
                             yield response
-                finally:
-                    self._release(began)
             except BaseException as exc:
                 await self._fail(call, exc, context)
             finally:

@@ -1,23 +1,24 @@
 """Structured logging: one line per event, `event key=value ...`.
 
 Only the fields passed are logged; credentials are never among them. Lines
-are formatted where they are logged and written by a thread of their own, so
-a slow or stalled stderr (a full pipe to a log shipper, a disk in writeback)
-never stalls the event loop; if the writer falls `LOG_QUEUE_LINES` behind,
-new lines are dropped and counted (`log_lines_dropped_total`).
+are formatted where they are logged and written in batches by a thread of
+their own (`LineBuffer`), so a slow or stalled stderr (a full pipe to a log
+shipper, a disk in writeback) never stalls the event loop; if the writer falls
+`LOG_BUFFER_LINES` behind, new lines are dropped and counted
+(`log_lines_dropped_total`).
 """
 
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import logging
-import queue
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from logging.handlers import QueueHandler, QueueListener
 from typing import IO, Any
 
 from shared.errors import DeadlineExceeded
@@ -50,34 +51,73 @@ class LineFormatter(logging.Formatter):
         return self._stamp
 
 
-# Lines formatted but not yet written that the writer thread may fall behind by.
-LOG_QUEUE_LINES = 10_000
+# Lines logged but not yet written that the writer may fall behind by.
+LOG_BUFFER_LINES = 10_000
+# How often the writer thread writes what was logged since, in one write.
+LOG_WRITE_INTERVAL_S = 0.05
+# How long exit waits for the last write (a stalled output would wait forever).
+LOG_LAST_WRITE_WAIT_S = 1.0
 
 
-class LineQueueHandler(QueueHandler):
-    """Formats each line on the thread that logs it (the caller is a context
-    variable of that thread), and queues it for the writer thread; drops it,
-    counted, when the queue is full rather than wait."""
+class LineBuffer(logging.Handler):
+    """Formats each line where it is logged (the caller is a context variable of
+    that thread) and appends it to a buffer that a writer thread empties every
+    LOG_WRITE_INTERVAL_S in one write: logging costs the event loop a format and
+    an append, never a wait for the output, nor a thread switch per line. A line
+    that finds `capacity` lines waiting is dropped and counted."""
 
-    def enqueue(self, record: logging.LogRecord) -> None:
+    def __init__(self, stream: IO[str], capacity: int) -> None:
+        super().__init__()
+        self._stream = stream
+        self._capacity = capacity
+        self._lines: collections.deque[str] = collections.deque()
+        self._closing = threading.Event()
+        self._writer = threading.Thread(target=self._write_until_closed, name="log-writer")
+        self._writer.daemon = True  # a stalled output must not keep the process alive
+        self._writer.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.queue.put_nowait(record)
-        except queue.Full:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        if len(self._lines) >= self._capacity:
             LOG_LINES_DROPPED.inc()
+            return
+        self._lines.append(line)
+
+    def _write_until_closed(self) -> None:
+        while not self._closing.wait(LOG_WRITE_INTERVAL_S):
+            self._write_waiting()
+        self._write_waiting()
+
+    def _write_waiting(self) -> None:
+        batch = []
+        with contextlib.suppress(IndexError):  # emptied: deque pops are atomic
+            while self._lines:
+                batch.append(self._lines.popleft())
+        if batch:
+            # Nowhere to report a failed write: the output is where it would go.
+            with contextlib.suppress(Exception):
+                self._stream.write("\n".join(batch) + "\n")
+                self._stream.flush()
+
+    def close(self) -> None:
+        """Write what is waiting and end the writer (at exit, or when replaced)."""
+        self._closing.set()
+        self._writer.join(LOG_LAST_WRITE_WAIT_S)
+        super().close()
 
 
-_writer: QueueListener | None = None
+_buffer: LineBuffer | None = None
 
 
 def _stop_writer() -> None:
-    """Write what is queued, then end the writer thread (at exit)."""
-    global _writer
-    if _writer is None:
-        return
-    writer, _writer = _writer, None
-    # Without room for the stop marker, the thread (a daemon) ends with us.
-    with contextlib.suppress(queue.Full):
-        writer.stop()
+    global _buffer
+    if _buffer is not None:
+        _buffer.close()
+        _buffer = None
 
 
 atexit.register(_stop_writer)
@@ -87,7 +127,7 @@ def configure_logging(
     level: int = logging.INFO,
     *,
     stream: IO[str] | None = None,
-    queue_lines: int = LOG_QUEUE_LINES,
+    buffer_lines: int = LOG_BUFFER_LINES,
 ) -> None:
     """Log lines of `level` and above to `stream` (stderr) through the writer thread."""
     # Our lines name no source file, thread or process: skip collecting them
@@ -97,18 +137,13 @@ def configure_logging(
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    global _writer
+    global _buffer
     _stop_writer()
-    lines: queue.Queue[logging.LogRecord] = queue.Queue(maxsize=queue_lines)
-    handler = LineQueueHandler(lines)
-    handler.addFilter(CallerFilter())
-    handler.setFormatter(LineFormatter())
-    output = logging.StreamHandler(sys.stderr if stream is None else stream)
-    output.setFormatter(logging.Formatter("%(message)s"))  # formatted already
-    _writer = QueueListener(lines, output)
-    _writer.start()
+    _buffer = LineBuffer(sys.stderr if stream is None else stream, buffer_lines)
+    _buffer.addFilter(CallerFilter())
+    _buffer.setFormatter(LineFormatter())
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_buffer]
     root.setLevel(level)
     # httpx logs every request at INFO: one line per database call on the REST
     # transport, several a second with background compaction. Our own lines

@@ -1,5 +1,5 @@
 """Logging never stalls the code that logs: lines go to a writer thread, and
-when the output stalls, lines past the queue are dropped and counted instead
+when the output stalls, lines past the buffer are dropped and counted instead
 of blocking (shared/logs.py)."""
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ class StalledStream(io.StringIO):
 
     def __init__(self) -> None:
         super().__init__()
+        self.writing = threading.Event()
         self.resume = threading.Event()
 
     def write(self, text: str) -> int:
+        self.writing.set()
         self.resume.wait(30)
         return super().write(text)
 
@@ -42,24 +44,24 @@ def dropped() -> float:
     return REGISTRY.get_sample_value("log_lines_dropped_total") or 0.0
 
 
-def test_a_stalled_output_blocks_no_logger_and_drops_only_past_the_queue(
+def test_a_stalled_output_blocks_no_logger_and_drops_only_past_the_buffer(
     restored_logging: None,
 ) -> None:
     stream = StalledStream()
-    configure_logging(stream=stream, queue_lines=5)
-    before = dropped()
+    configure_logging(stream=stream, buffer_lines=5)
     log = logging.getLogger("test.logs")
-    for n in range(20):
+    log.info(kv("line", n=0))
+    assert stream.writing.wait(10), "the writer never wrote"  # and now waits on the stream
+    before = dropped()
+    for n in range(1, 21):
         log.info(kv("line", n=n))
-    # Every call returned although nothing could be written yet.
+    # Every call returned although nothing could be written yet: five lines
+    # wait, the fifteen after them are dropped and counted.
     assert stream.getvalue() == ""
-    # Five queued, and at most one taken by the writer, which waits on the stream.
-    lost = dropped() - before
-    assert lost in (14, 15), lost
+    assert dropped() - before == 15
 
     stream.resume.set()
-    logs._stop_writer()  # writes what is queued, as at exit
+    logs._stop_writer()  # writes what waits, as at exit
     written = stream.getvalue().splitlines()
-    assert len(written) == 20 - lost
-    assert [line.split()[-1] for line in written] == [f"n={n}" for n in range(len(written))]
+    assert [line.split()[-1] for line in written] == [f"n={n}" for n in range(6)]
     assert all(" INFO test.logs caller=- line " in line for line in written)

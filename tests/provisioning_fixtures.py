@@ -27,13 +27,18 @@ import pytest
 import pytest_asyncio
 from psycopg import sql as pgsql
 
+from devkit.pooler import Pooler
+from devkit.postgrest_standin import PostgrestStandin
 from provisioning_svc.deprovision import DEFAULT_MAX_BATCH_ROWS
 from provisioning_svc.servicer import ERROR_DOMAIN, provisioning_service
 from shared.auth import TokenRegistry
+from shared.database import Database
+from shared.database.postgres import PostgresDatabase
+from shared.database.rest import SupabaseRestDatabase
 from shared.proto_gen.provisioning.v1 import provisioning_pb2, provisioning_pb2_grpc
 from shared.server import ServerHandle, create_server
 from shared.settings import Settings
-from tests.conftest import SENDGRID_KEY, TOKEN_ADMIN
+from tests.conftest import JWT_SECRET, SENDGRID_KEY, TOKEN_ADMIN
 from tests.rpc import bearer, detail
 
 _SUBUSER_PATH = re.compile(r"/v3/subusers/([^/?#]+)")
@@ -260,12 +265,94 @@ async def provisioning_server(
         await handle.stop(0)
 
 
+@asynccontextmanager
+async def adapter_on(
+    transport: str, url: str, name: str, request: pytest.FixtureRequest
+) -> AsyncIterator[Database]:
+    """The service's database adapter on a throwaway database `name` at `url`,
+    through `transport` (direct, pooled or rest)."""
+    if transport == "rest":
+        standin = PostgrestStandin(url, JWT_SECRET).start()
+        rest = SupabaseRestDatabase(standin.url, standin.token("service_role"))
+        await rest.open()
+        try:
+            yield rest
+        finally:
+            await rest.close()
+            standin.stop()
+        return
+    if transport == "pooled":
+        pooler: Pooler = request.getfixturevalue("pooler")
+        url = pooler.url(name)
+    db = PostgresDatabase(url, application_name=f"{name}_test", min_size=1, max_size=2)
+    await db.open(wait_s=10)
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
 @pytest_asyncio.fixture
 async def provisioning(
     database: Any, tokens: TokenRegistry, sendgrid: FakeSendGrid, tmp_path: Path
 ) -> AsyncIterator[Provisioning]:
     async with provisioning_server(database, tokens, sendgrid, tmp_path) as harness:
         yield harness
+
+
+class RacingWriter:
+    """A thread that keeps inserting a tenant's clients and quotes (one per
+    transaction, and several per transaction) until stopped, recording the
+    SQLSTATE of every failure in order."""
+
+    def __init__(self, database_url: str, tenant_id: str) -> None:
+        self._url = database_url
+        self._tenant = tenant_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._write)
+        self.errors: list[str] = []
+        self.written = 0
+
+    def __enter__(self) -> RacingWriter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _write(self) -> None:
+        with psycopg.connect(self._url, autocommit=True) as conn:
+            n = 0
+            while not self._stop.is_set():
+                n += 1
+                client = (
+                    "INSERT INTO clients (tenant_id, email) VALUES (%s, %s)",
+                    (self._tenant, f"w{n}@x.io"),
+                )
+                try:
+                    if n % 2:
+                        conn.execute(*client)
+                    else:
+                        with conn.transaction():
+                            conn.execute(*client)
+                            conn.execute(
+                                "INSERT INTO quotes (tenant_id, customer_email, total_price,"
+                                " currency) VALUES (%s, %s, 1.00, 'EUR')",
+                                (self._tenant, f"w{n}@x.io"),
+                            )
+                    self.written += 1
+                except psycopg.Error as exc:
+                    self.errors.append(exc.sqlstate or repr(exc))
+                    time.sleep(0.001)
+
+    def assert_saw_only_the_guard(self) -> None:
+        """It wrote, then got the guard's error until the tenant row was gone,
+        then only the foreign key's."""
+        assert self.written > 0 and "CRM01" in self.errors, (self.written, self.errors[:3])
+        guarded = self.errors.index("23503") if "23503" in self.errors else len(self.errors)
+        assert set(self.errors[:guarded]) == {"CRM01"}
+        assert set(self.errors[guarded:]) <= {"23503"}
 
 
 # -- data -------------------------------------------------------------------

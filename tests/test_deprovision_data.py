@@ -4,7 +4,6 @@ and the catalog-driven table list (tables added later go too)."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from tests.provisioning_fixtures import (
     FakeReply,
     FakeSendGrid,
     Provisioning,
+    RacingWriter,
     jobs_of,
     partial_response,
     provisioning_server,
@@ -386,53 +386,12 @@ async def test_a_writer_during_a_real_deprovisioning_sees_only_the_guard(
     tenant was gone is the guard's."""
     tenant = unique_tenant("racing")
     seed_tenant(sql, tenant, clients=2000)
-    stop = threading.Event()
-    errors: list[str] = []
-    written = 0
-
-    def write() -> None:
-        nonlocal written
-        with psycopg.connect(database_url, autocommit=True) as conn:
-            n = 0
-            while not stop.is_set():
-                n += 1
-                try:
-                    if n % 2:
-                        conn.execute(
-                            "INSERT INTO clients (tenant_id, email) VALUES (%s, %s)",
-                            (tenant, f"w{n}@x.io"),
-                        )
-                    else:
-                        with conn.transaction():
-                            conn.execute(
-                                "INSERT INTO clients (tenant_id, email) VALUES (%s, %s)",
-                                (tenant, f"w{n}@x.io"),
-                            )
-                            conn.execute(
-                                "INSERT INTO quotes (tenant_id, customer_email, total_price,"
-                                " currency) VALUES (%s, %s, 1.00, 'EUR')",
-                                (tenant, f"w{n}@x.io"),
-                            )
-                    written += 1
-                except psycopg.Error as exc:
-                    errors.append(exc.sqlstate or repr(exc))
-                    time.sleep(0.001)
-
-    writer = threading.Thread(target=write)
-    writer.start()
-    try:
+    with RacingWriter(database_url, tenant) as writer:
         await asyncio.sleep(0.3)  # the writer is writing before the mark
         reply = await provisioning.deprovision(tenant, deadline_s=30)
         await asyncio.sleep(0.3)  # and keeps trying after COMPLETED
-    finally:
-        stop.set()
-        writer.join(timeout=10)
     assert reply.state == pb.JOB_STATE_COMPLETED
-    assert written > 0 and "CRM01" in errors, (written, errors[:3])
-    # The guard's error until the tenant row is gone; then the foreign key's.
-    guarded = errors.index("23503") if "23503" in errors else len(errors)
-    assert set(errors[:guarded]) == {"CRM01"}
-    assert set(errors[guarded:]) <= {"23503"}
+    writer.assert_saw_only_the_guard()
     assert remaining_rows(sql, tenant) == {}
 
 

@@ -20,18 +20,14 @@ import pytest
 import pytest_asyncio
 
 from devkit.databases import create_migrated_database, drop_database
-from devkit.pooler import Pooler
-from devkit.postgrest_standin import PostgrestStandin
 from shared.auth import TokenRegistry
 from shared.database import Database
-from shared.database.postgres import PostgresDatabase
-from shared.database.rest import SupabaseRestDatabase
 from shared.proto_gen.provisioning.v1 import provisioning_pb2 as pb
-from tests.conftest import JWT_SECRET
 from tests.factories import unique_tenant
 from tests.provisioning_fixtures import (
     DERIVED_TABLES,
     FakeSendGrid,
+    adapter_on,
     provisioning_server,
     seed_tenant,
     tenant_status,
@@ -77,26 +73,8 @@ async def discovery_db(
     transport: str, discovery_url: str, discovery_name: str, request: pytest.FixtureRequest
 ) -> AsyncIterator[Database]:
     """The service's database adapter on the throwaway database, per transport."""
-    if transport == "rest":
-        standin = PostgrestStandin(discovery_url, JWT_SECRET).start()
-        rest = SupabaseRestDatabase(standin.url, standin.token("service_role"))
-        await rest.open()
-        try:
-            yield rest
-        finally:
-            await rest.close()
-            standin.stop()
-        return
-    url = discovery_url
-    if transport == "pooled":
-        pooler: Pooler = request.getfixturevalue("pooler")
-        url = pooler.url(discovery_name)
-    db = PostgresDatabase(url, application_name="discovery_test", min_size=1, max_size=2)
-    await db.open(wait_s=10)
-    try:
+    async with adapter_on(transport, discovery_url, discovery_name, request) as db:
         yield db
-    finally:
-        await db.close()
 
 
 def seed_trips(conn: psycopg.Connection[Any], tenant: str, trips: int) -> dict[str, int]:

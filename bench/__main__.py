@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, str] = {
     "load": "bench.load",
     "deprovision": "bench.deprovision",
     "writes": "bench.pipeline_writes",
+    "guard": "bench.write_guard",
 }
 
 

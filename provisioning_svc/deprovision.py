@@ -343,6 +343,7 @@ class Deprovisioner:
                 # The last call timed out on our side but committed on the database's
                 # (PostgREST does not cancel abandoned queries): the tenant is gone.
                 log.info(kv("deprovision_completed", tenant_id=job.tenant_id, job_id=job.id))
+                await self._lower_write_guard(deadline)
                 return job.result()
             error.metadata.setdefault("tenant_id", job.tenant_id)
             error.metadata["job_id"] = job.id
@@ -359,7 +360,18 @@ class Deprovisioner:
             )
             raise
         log.info(kv("deprovision_completed", tenant_id=job.tenant_id, job_id=job.id))
+        await self._lower_write_guard(deadline)
         return job.result()
+
+    async def _lower_write_guard(self, deadline: Deadline) -> None:
+        """Lower the write guard's flag if no tenant is left deprovisioning
+        (docs/design.md, "Closed to writers"). A flag left up costs every write
+        a few µs until the next completion lowers it, never safety: a failure
+        here is logged, and the completed job still answers."""
+        try:
+            await self._db.call("tenant_write_guard_lower", {}, deadline, cap_s=RECORD_CAP_S)
+        except ServiceError as error:
+            log.warning(kv("write_guard_flag_not_lowered", reason=error.reason))
 
     async def _record_cancellation(self, job: Job, owner: str, step: Step) -> None:
         """Record that this call was cancelled at `step`, releasing its lease.

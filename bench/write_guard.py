@@ -12,10 +12,14 @@ once, in rotated order:
 - `on`: the guard enabled, no tenant being deprovisioned (its flag is down):
   the cost every write pays;
 - `on, flag up`: another tenant is marked 'deprovisioning', so every write
-  takes the full check of its rows' tenants.
+  takes the full check of its rows' tenants;
+- `no-op trigger`: the guard off, and in its place a trigger of the same shape
+  whose function does nothing: the floor of any trigger-based guard.
 
 Reported: median latency per mode, and the median over rounds of each mode's
-difference from `off` in the same round.
+difference from `off` in the same round; then the notification insert's
+throughput with `SATURATED_CLIENTS` connections, which keep this machine's
+CPUs busy, so that any CPU the guard costs shows as lost throughput.
 """
 
 from __future__ import annotations
@@ -55,17 +59,27 @@ SCRIPTS = {
         f"UPDATE clients SET name = 'g' || :id WHERE tenant_id = '{TENANT}' AND id = :id;"
     ),
 }
-MODES = ("off", "off again", "on", "on, flag up")
+MODES = ("off", "off again", "on", "on, flag up", "no-op trigger")
+SATURATED_CLIENTS = 8
+SATURATED_SCRIPT = "insert notification"
 _LATENCY = re.compile(r"latency average = ([0-9.]+) ms")
+_TPS = re.compile(r"tps = ([0-9.]+)")
+NOOP_TRIGGER = """
+CREATE FUNCTION bench_noop_trigger() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN NULL;
+END
+$$;
+"""
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--guard-seconds",
-        type=float,
-        default=3.0,
+        type=int,
+        default=3,
         metavar="S",
-        help="duration of each pgbench run (default: %(default)s)",
+        help="duration of each pgbench run, whole seconds (default: %(default)s)",
     )
 
 
@@ -78,9 +92,11 @@ def pgbench_binary() -> str:
 
 
 def set_mode(conn: psycopg.Connection, mode: str) -> None:
-    verb = "DISABLE" if mode.startswith("off") else "ENABLE"
+    guard = "ENABLE" if mode in ("on", "on, flag up") else "DISABLE"
+    noop = "ENABLE" if mode == "no-op trigger" else "DISABLE"
     for table, trigger in GUARD_TRIGGERS:
-        conn.execute(f"ALTER TABLE {table} {verb} TRIGGER {trigger}")
+        conn.execute(f"ALTER TABLE {table} {guard} TRIGGER {trigger}")
+        conn.execute(f"ALTER TABLE {table} {noop} TRIGGER bench_noop_{trigger}")
     status = "deprovisioning" if mode == "on, flag up" else "active"
     conn.execute("UPDATE tenants SET status = %s WHERE id = %s", (status, OTHER))
     conn.execute("SELECT tenant_write_guard_lower()")
@@ -88,16 +104,56 @@ def set_mode(conn: psycopg.Connection, mode: str) -> None:
     assert flag == (1 if mode == "on, flag up" else 0), (mode, flag)
 
 
-def latency_ms(pgbench: str, url: str, script: Path, seconds: float) -> float:
+def add_noop_triggers(conn: psycopg.Connection) -> None:
+    """A trigger of the guard's shape next to each of its triggers, disabled."""
+    conn.execute(NOOP_TRIGGER)
+    for table, trigger in GUARD_TRIGGERS:
+        event = trigger.rsplit("_", 1)[1].upper()
+        conn.execute(
+            f"CREATE TRIGGER bench_noop_{trigger} AFTER {event} ON {table}"
+            " REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT"
+            " EXECUTE FUNCTION bench_noop_trigger()"
+        )
+        conn.execute(f"ALTER TABLE {table} DISABLE TRIGGER bench_noop_{trigger}")
+
+
+def run_pgbench(pgbench: str, url: str, script: Path, seconds: int, clients: int) -> str:
     done = subprocess.run(
-        [pgbench, "-n", "-M", "prepared", "-c", "1", "-T", f"{seconds:g}", "-f", str(script), url],
+        [
+            pgbench,
+            "-n",
+            "-M",
+            "prepared",
+            "-c",
+            str(clients),
+            "-j",
+            str(min(clients, 2)),
+            "-T",
+            f"{seconds:g}",
+            "-f",
+            str(script),
+            url,
+        ],
         capture_output=True,
         text=True,
         check=True,
     )
-    found = _LATENCY.search(done.stdout)
+    return done.stdout
+
+
+def latency_ms(pgbench_path: str, url: str, script: Path, seconds: int) -> float:
+    out = run_pgbench(pgbench_path, url, script, seconds, 1)
+    found = _LATENCY.search(out)
     if found is None:
-        raise RuntimeError(f"pgbench printed no latency: {done.stdout[-500:]}")
+        raise RuntimeError(f"pgbench printed no latency: {out[-500:]}")
+    return float(found.group(1))
+
+
+def saturated_tps(pgbench_path: str, url: str, script: Path, seconds: int) -> float:
+    out = run_pgbench(pgbench_path, url, script, seconds, SATURATED_CLIENTS)
+    found = _TPS.search(out)
+    if found is None:
+        raise RuntimeError(f"pgbench printed no tps: {out[-500:]}")
     return float(found.group(1))
 
 
@@ -108,6 +164,7 @@ async def run(args: argparse.Namespace) -> None:
     rounds = args.reps or 6
     say(f"guard: fresh database {BENCH_DB}, {rounds} rounds of {args.guard_seconds:g}s runs")
     latencies: dict[str, dict[str, list[float]]] = {s: {m: [] for m in MODES} for s in SCRIPTS}
+    throughput: dict[str, list[float]] = {m: [] for m in MODES}
     with (
         psycopg.connect(url, autocommit=True) as conn,
         tempfile.TemporaryDirectory() as scratch,
@@ -119,6 +176,7 @@ async def run(args: argparse.Namespace) -> None:
             " SELECT %s, 'c' || g || '@x.io' FROM generate_series(1, 1000) g",
             (TENANT,),
         )
+        add_noop_triggers(conn)
         conn.execute("VACUUM ANALYZE")
         scripts = {}
         for name, text in SCRIPTS.items():
@@ -132,18 +190,29 @@ async def run(args: argparse.Namespace) -> None:
                     latencies[name][mode].append(
                         latency_ms(pgbench, url, script, args.guard_seconds)
                     )
+                throughput[mode].append(
+                    saturated_tps(pgbench, url, scripts[SATURATED_SCRIPT], args.guard_seconds)
+                )
             say(
                 f"guard: round {round_index + 1}/{rounds}: "
                 + ", ".join(
                     f"{n} " + "/".join(f"{v[m][-1] * 1000:.0f}" for m in MODES) + " µs"
                     for n, v in latencies.items()
                 )
+                + f"; {SATURATED_CLIENTS} clients "
+                + "/".join(f"{throughput[m][-1]:,.0f}" for m in MODES)
+                + " tps"
             )
         set_mode(conn, "on")
-    report(latencies, rounds, args.guard_seconds)
+    report(latencies, throughput, rounds, args.guard_seconds)
 
 
-def report(latencies: dict[str, dict[str, list[float]]], rounds: int, seconds: float) -> None:
+def report(
+    latencies: dict[str, dict[str, list[float]]],
+    throughput: dict[str, list[float]],
+    rounds: int,
+    seconds: int,
+) -> None:
     print()
     print("## The write guard, per transaction (pgbench)")
     print()
@@ -160,16 +229,33 @@ def report(latencies: dict[str, dict[str, list[float]]], rounds: int, seconds: f
             [
                 name,
                 f"{statistics.median(by_mode['off']) * 1000:.1f}",
-                *(_versus_off(by_mode, m) for m in ("off again", "on", "on, flag up")),
+                *(_versus_off(by_mode, m) for m in MODES[1:]),
             ]
         )
     print(
         markdown_table(
-            ["write", "off µs", "A/A µs", "guard µs", "guard, flag up µs"],
+            ["write", "off µs", "A/A µs", "guard µs", "guard, flag up µs", "no-op trigger µs"],
             rows,
-            right=(1, 2, 3, 4),
+            right=(1, 2, 3, 4, 5),
         )
     )
+    print()
+    print(
+        f"`{SATURATED_SCRIPT}` with {SATURATED_CLIENTS} connections (the CPUs saturated):"
+        " transactions per second, the median of the rounds, and the median of each round's"
+        " ratio to `off`."
+    )
+    print()
+    off = throughput["off"]
+    rows = [
+        [
+            mode,
+            f"{statistics.median(tps):,.0f}",
+            f"{statistics.median([t / o for t, o in zip(tps, off, strict=True)]):.3f}",
+        ]
+        for mode, tps in throughput.items()
+    ]
+    print(markdown_table(["mode", "tps", "vs off"], rows, right=(1, 2)))
 
 
 def _versus_off(by_mode: dict[str, list[float]], mode: str) -> str:

@@ -307,6 +307,7 @@ class Deprovisioner:
             raise Internal(f"unexpected claim disposition {disposition!r}", reason="BAD_DB_RESULT")
         job = Job.parse(claim["job"])
         if disposition == "recorded":
+            await self._lower_write_guard(deadline)  # in case the first completion could not
             return job.result()
         log.info(
             kv(

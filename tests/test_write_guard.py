@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -162,15 +163,96 @@ async def test_a_lowering_waits_for_a_marking_in_flight_and_then_sees_it(
     assert flag(guard_sql) == 1
 
 
-def test_a_lowering_outside_read_committed_changes_nothing(
+def test_a_lowering_outside_read_committed_is_refused(
     guard_sql: psycopg.Connection[Any],
 ) -> None:
     guard_sql.execute("SELECT setval('tenant_write_guard_flag', 1)")
-    with guard_sql.transaction():
+    with pytest.raises(psycopg.errors.InvalidTransactionState), guard_sql.transaction():
         guard_sql.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        assert not lower(guard_sql)
+        lower(guard_sql)
     assert flag(guard_sql) == 1
     assert lower(guard_sql)
+
+
+def test_a_resumed_job_raises_a_flag_lost_meanwhile(guard_sql: psycopg.Connection[Any]) -> None:
+    """As after restoring a dump taken while a lowering ran: the tenant is
+    marked but the flag is down. The next claim of its job raises it."""
+    tenant = add_tenant(guard_sql, "flag-resumed")
+
+    def claim() -> None:
+        guard_sql.execute(
+            "SELECT deprovision_claim(%s, %s, 'guard-test', %s, 0.001)",
+            (tenant, uuid.uuid4(), uuid.uuid4()),
+        )
+
+    claim()
+    guard_sql.execute("SELECT setval('tenant_write_guard_flag', 0)")
+    claim()  # the first lease (1 ms) has passed: this resumes the job
+    assert flag(guard_sql) == 1
+    with pytest.raises(psycopg.Error) as caught:
+        write_notification(guard_sql, tenant)
+    assert caught.value.sqlstate == "CRM01"
+
+
+def test_a_marking_replayed_as_a_replica_raises_the_flag(
+    guard_sql: psycopg.Connection[Any],
+) -> None:
+    tenant = add_tenant(guard_sql, "flag-replica")
+    with guard_sql.transaction():
+        guard_sql.execute("SET LOCAL session_replication_role = replica")
+        guard_sql.execute("UPDATE tenants SET status = 'deprovisioning' WHERE id = %s", (tenant,))
+    assert flag(guard_sql) == 1
+
+
+def test_a_writers_search_path_cannot_stand_in_for_the_flag_or_the_tenants(
+    guard_sql: psycopg.Connection[Any],
+) -> None:
+    """A writer whose search_path puts its own schema first, with a flag that
+    reads 0 and an empty `tenants`, is refused all the same."""
+    tenant = add_tenant(guard_sql, "flag-path")
+    guard_sql.execute("UPDATE tenants SET status = 'deprovisioning' WHERE id = %s", (tenant,))
+    guard_sql.execute("CREATE SCHEMA IF NOT EXISTS decoy")
+    try:
+        guard_sql.execute(
+            "CREATE SEQUENCE decoy.tenant_write_guard_flag MINVALUE 0;"
+            " SELECT setval('decoy.tenant_write_guard_flag', 0);"
+            " CREATE TABLE decoy.tenants (id text, status text);"
+            " SET search_path = decoy, public"
+        )
+        with pytest.raises(psycopg.Error) as caught:
+            write_notification(guard_sql, tenant)
+        assert caught.value.sqlstate == "CRM01"
+    finally:
+        guard_sql.execute("RESET search_path; DROP SCHEMA decoy CASCADE")
+
+
+@pytest.mark.parametrize(
+    "weakening",
+    [
+        "ALTER TABLE guard_weakened DISABLE TRIGGER tenant_write_guard_insert",
+        "ALTER TABLE guard_weakened ALTER CONSTRAINT guard_weakened_tenant_id_fkey"
+        " DEFERRABLE INITIALLY DEFERRED",
+        "ALTER TABLE tenants ENABLE TRIGGER tenant_write_guard_raise",  # not ALWAYS
+    ],
+)
+def test_deprovisioning_refuses_to_start_while_the_guard_is_weakened(
+    guard_sql: psycopg.Connection[Any], weakening: str
+) -> None:
+    guard_sql.execute(
+        "CREATE TABLE guard_weakened (tenant_id text NOT NULL REFERENCES tenants (id));"
+        " SELECT tenant_write_guard_attach('guard_weakened', 'tenant_id')"
+    )
+    try:
+        guard_sql.execute("SELECT tenant_write_guard_assert()")
+        guard_sql.execute(weakening)
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as caught:
+            guard_sql.execute("SELECT tenant_write_guard_assert()")
+        assert caught.value.diag.message_hint == "TENANT_TABLE_UNGUARDED"
+    finally:
+        guard_sql.execute(
+            "DROP TABLE guard_weakened; ALTER TABLE tenants ENABLE ALWAYS TRIGGER"
+            " tenant_write_guard_raise"
+        )
 
 
 async def test_a_completed_deprovisioning_lowers_the_flag_once_no_tenant_is_left(

@@ -547,6 +547,10 @@ BEGIN
         RETURNING * INTO v_job;
     END IF;
 
+    -- The write guard's flag (0006_tenant_write_guard.sql) is up while the
+    -- tenant is marked; raised again here for a job resumed after something
+    -- lost it (a restore from a dump taken while a lowering ran).
+    PERFORM tenant_write_guard_raise();
     INSERT INTO deprovision_requests (request_id, job_id, actor)
     VALUES (p_request_id, v_job.id, p_actor)
     ON CONFLICT (request_id) DO NOTHING;

@@ -37,7 +37,9 @@
 -- deprovision_assert_tables).
 
 CREATE SEQUENCE tenant_write_guard_flag AS smallint MINVALUE 0 MAXVALUE 1;
--- Every role that may write a tenant table reads it (it tells no secret).
+-- Only its owner may set it (Supabase's default privileges would give the API
+-- roles everything); anyone may read it, so that every writer's fast path works.
+REVOKE ALL ON SEQUENCE tenant_write_guard_flag FROM PUBLIC, anon, authenticated, service_role;
 GRANT SELECT ON SEQUENCE tenant_write_guard_flag TO PUBLIC;
 
 -- The tenants being deprovisioned: none, nearly always.
@@ -49,7 +51,9 @@ LANGUAGE sql
 SET search_path = public, pg_temp
 AS $$ SELECT pg_advisory_xact_lock(hashtextextended('tenant_write_guard_flag', 0)) $$;
 
-CREATE FUNCTION tenant_write_guard_raise() RETURNS trigger
+-- Raise the flag, holding the lock until this transaction ends: a lowering
+-- then waits for it, and sees what it marked.
+CREATE FUNCTION tenant_write_guard_raise() RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = public, pg_temp
@@ -57,14 +61,26 @@ AS $$
 BEGIN
     PERFORM tenant_write_guard_flag_lock();
     PERFORM setval('tenant_write_guard_flag', 1);
+END
+$$;
+
+CREATE FUNCTION tenant_write_guard_raise_on_mark() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = public, pg_temp
+AS $$
+BEGIN
+    PERFORM tenant_write_guard_raise();
     RETURN NULL;
 END
 $$;
 
+-- Any marking raises the flag, deprovision_claim's or an operator's UPDATE.
+-- ALWAYS: also when changes are replayed (session_replication_role = replica).
 CREATE TRIGGER tenant_write_guard_raise
-AFTER INSERT OR UPDATE OF status ON tenants
+AFTER INSERT OR UPDATE ON tenants
 FOR EACH ROW WHEN (NEW.status = 'deprovisioning')
-EXECUTE FUNCTION tenant_write_guard_raise();
+EXECUTE FUNCTION tenant_write_guard_raise_on_mark();
+ALTER TABLE tenants ENABLE ALWAYS TRIGGER tenant_write_guard_raise;
 
 -- Lower the flag if no tenant is being deprovisioned; true if it is down.
 -- Only under READ COMMITTED: its check must see every marking committed
@@ -76,7 +92,8 @@ SET search_path = public, pg_temp
 AS $$
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed' THEN
-        RETURN false;
+        RAISE EXCEPTION 'the write guard''s flag can only be lowered under READ COMMITTED'
+            USING ERRCODE = 'invalid_transaction_state', HINT = 'WRONG_ISOLATION';
     END IF;
     PERFORM tenant_write_guard_flag_lock();
     IF EXISTS (SELECT 1 FROM tenants WHERE status = 'deprovisioning') THEN
@@ -86,8 +103,6 @@ BEGIN
     RETURN true;
 END
 $$;
-REVOKE EXECUTE ON FUNCTION tenant_write_guard_lower() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION tenant_write_guard_lower() TO service_role;
 
 DO $$
 BEGIN
@@ -97,59 +112,72 @@ BEGIN
 END
 $$;
 
+-- The guard itself: the flag, then (only while it is up) the statement's
+-- tenants, checked by tenant_write_guard_check.
 CREATE FUNCTION tenant_write_guard() RETURNS trigger
 LANGUAGE plpgsql
--- No SET search_path, unlike our other functions: switching it on every call
--- cost each write about as much as the rest of the guard (bench guard).
--- Relations are named with their schema instead; pg_catalog's functions and
--- operators come first in any search_path that does not list it explicitly.
+-- No SET search_path here, unlike our other functions: switching it on every
+-- call cost a write about as much as the rest of the guard (bench guard).
+-- So every name is schema-qualified, operators included: a writer's own
+-- search_path cannot change what this runs.
+AS $$
+DECLARE
+    v_tenants text[];
+BEGIN
+    -- Down (0) while no tenant is being deprovisioned; unset (NULL) only if
+    -- someone reset the sequence, which takes the full check.
+    IF pg_catalog.pg_sequence_last_value('public.tenant_write_guard_flag'::pg_catalog.regclass)
+       OPERATOR(pg_catalog.=) 0 THEN
+        RETURN NULL;
+    END IF;
+    -- The transition table is visible only here, so its tenants are read here.
+    IF TG_ARGV[0] OPERATOR(pg_catalog.=) 'tenant_id' THEN
+        SELECT pg_catalog.array_agg(DISTINCT r.tenant_id::pg_catalog.text) INTO v_tenants
+        FROM new_rows r;
+    ELSE
+        EXECUTE pg_catalog.format(
+            'SELECT pg_catalog.array_agg(DISTINCT r.%I::pg_catalog.text) FROM new_rows r',
+            TG_ARGV[0])
+        INTO v_tenants;
+    END IF;
+    PERFORM public.tenant_write_guard_check(v_tenants, TG_OP, TG_TABLE_NAME);
+    RETURN NULL;
+END
+$$;
+
+-- The full check: fail if one of p_tenants is being deprovisioned. SECURITY
+-- DEFINER so that it reads every tenant row whatever the writer's row-level
+-- security allows it to see.
+CREATE FUNCTION tenant_write_guard_check(p_tenants text[], p_op text, p_table text)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = public, pg_temp
 AS $$
 DECLARE
     v_tenant text;
 BEGIN
-    -- Down (0) while no tenant is being deprovisioned; unset (NULL) only if
-    -- someone reset the sequence, which takes the full check.
-    IF pg_catalog.pg_sequence_last_value('public.tenant_write_guard_flag') = 0 THEN
-        RETURN NULL;
-    END IF;
-    IF current_setting('transaction_isolation') = 'read committed'
-       AND NOT EXISTS (SELECT 1 FROM public.tenants WHERE status = 'deprovisioning') THEN
-        RETURN NULL;
-    END IF;
     -- Under REPEATABLE READ or SERIALIZABLE, lock the statement's tenants
     -- first: a status changed since this transaction's snapshot then fails
     -- the lock (40001) instead of being read as it was.
-    -- The tenant column is the trigger's argument; the common name is read
-    -- with static (plan-cached) queries, any other through EXECUTE.
-    IF TG_ARGV[0] = 'tenant_id' THEN
-        IF current_setting('transaction_isolation') <> 'read committed' THEN
-            PERFORM 1 FROM public.tenants t
-            WHERE t.id IN (SELECT DISTINCT r.tenant_id FROM new_rows r)
-            FOR SHARE;
-        END IF;
-        SELECT t.id INTO v_tenant FROM public.tenants t
-        WHERE t.id IN (SELECT DISTINCT r.tenant_id FROM new_rows r)
-          AND t.status = 'deprovisioning'
-        LIMIT 1;
-    ELSE
-        IF current_setting('transaction_isolation') <> 'read committed' THEN
-            EXECUTE format(
-                'SELECT 1 FROM public.tenants t WHERE t.id IN (SELECT DISTINCT r.%I FROM new_rows r)'
-                ' FOR SHARE', TG_ARGV[0]);
-        END IF;
-        EXECUTE format(
-            'SELECT t.id FROM public.tenants t WHERE t.id IN (SELECT DISTINCT r.%I FROM new_rows r)'
-            ' AND t.status = ''deprovisioning'' LIMIT 1', TG_ARGV[0])
-        INTO v_tenant;
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        PERFORM 1 FROM tenants WHERE id = ANY (p_tenants) FOR SHARE;
     END IF;
+    SELECT id INTO v_tenant FROM tenants
+    WHERE id = ANY (p_tenants) AND status = 'deprovisioning'
+    LIMIT 1;
     IF v_tenant IS NOT NULL THEN
         RAISE EXCEPTION 'tenant % is being deprovisioned: its rows cannot be written', v_tenant
             USING ERRCODE = 'CRM01', HINT = 'TENANT_DEPROVISIONING',
-                  DETAIL = format('%s on %s', TG_OP, TG_TABLE_NAME);
+                  DETAIL = format('%s on %s', p_op, p_table);
     END IF;
-    RETURN NULL;
 END
 $$;
+
+-- None of these is for the public API roles (0005_api_roles.sql).
+REVOKE ALL ON FUNCTION tenant_write_guard_flag_lock(), tenant_write_guard_raise(),
+    tenant_write_guard_lower(), tenant_write_guard_check(text[], text, text)
+    FROM PUBLIC, anon, authenticated;
 
 -- Attach the guard to one table whose p_column references tenants(id).
 CREATE FUNCTION tenant_write_guard_attach(p_table regclass, p_column name) RETURNS void
@@ -169,7 +197,7 @@ END
 $$;
 
 -- The tables (and columns) that reference tenants(id) directly, and whether
--- each has the guard.
+-- each has the guard (enabled, and behind an immediate foreign key).
 CREATE FUNCTION tenant_write_guard_coverage()
 RETURNS TABLE (rel regclass, column_name name, guarded boolean)
 LANGUAGE sql STABLE
@@ -177,9 +205,14 @@ SET search_path = public, pg_temp
 AS $$
     SELECT con.conrelid::regclass, a.attname,
            EXISTS (SELECT 1 FROM pg_trigger tg
-                   WHERE tg.tgrelid = con.conrelid AND tg.tgname = 'tenant_write_guard_insert')
+                   WHERE tg.tgrelid = con.conrelid AND tg.tgname = 'tenant_write_guard_insert'
+                     AND tg.tgenabled <> 'D')
            AND EXISTS (SELECT 1 FROM pg_trigger tg
-                       WHERE tg.tgrelid = con.conrelid AND tg.tgname = 'tenant_write_guard_update')
+                       WHERE tg.tgrelid = con.conrelid AND tg.tgname = 'tenant_write_guard_update'
+                         AND tg.tgenabled <> 'D')
+           -- The guard runs after the foreign key checks of its statement; a
+           -- deferred one would come after it, at commit.
+           AND NOT con.condeferrable
     FROM pg_constraint con
     JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = con.conkey[1]
     WHERE con.contype = 'f'
@@ -197,8 +230,14 @@ BEGIN
     SELECT string_agg(format('%s.%I', rel, column_name), ', ') INTO v_unguarded
     FROM tenant_write_guard_coverage() WHERE NOT guarded;
     IF v_unguarded IS NOT NULL THEN
-        RAISE EXCEPTION 'tenant tables without the write guard: % (run tenant_write_guard_attach)',
-            v_unguarded
+        RAISE EXCEPTION 'tenant tables without the write guard: % (run tenant_write_guard_attach;'
+            ' enable its triggers; make the foreign key to tenants not deferrable)', v_unguarded
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'TENANT_TABLE_UNGUARDED';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                   WHERE tgrelid = 'tenants'::regclass AND tgname = 'tenant_write_guard_raise'
+                     AND tgenabled = 'A') THEN
+        RAISE EXCEPTION 'the trigger tenant_write_guard_raise on tenants is missing or not ALWAYS'
             USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'TENANT_TABLE_UNGUARDED';
     END IF;
 END

@@ -11,31 +11,33 @@
 -- function call, not a query. Only while the flag is up does the guard read
 -- the statement's rows (its transition table) and their tenants' status.
 --
--- The flag goes up (tenant_write_guard_raise, a trigger on tenants) in the
--- transaction that marks a tenant 'deprovisioning', before that commits. It
--- comes down only through tenant_write_guard_lower(), called after a
--- deprovisioning completes, and only if no tenant is left in that status.
--- Both hold one transaction-level advisory lock, so a lowering waits for a
--- marking in flight and then sees it. A flag left up (a marking rolled back,
--- a lowering that never ran) costs speed, never safety.
+-- The flag goes up (tenant_write_guard_raise, from a trigger on tenants) in
+-- the transaction that marks a tenant 'deprovisioning', before that commits,
+-- and again whenever deprovision_claim claims a job. It comes down only
+-- through tenant_write_guard_lower(), called after a deprovisioning completes,
+-- and only if no tenant is left in that status. Both hold one transaction-
+-- level advisory lock, so a lowering waits for a marking in flight and then
+-- sees it. A flag left up (a marking rolled back, a lowering that never ran)
+-- costs speed, never safety.
 --
--- Writers racing the mark: every such row's foreign key check holds the
--- tenant row FOR KEY SHARE until its transaction ends, and the guard runs
--- after those checks (statement-level AFTER triggers fire after row-level
--- ones). deprovision_claim takes the tenant row FOR UPDATE before marking it.
--- So a writer that read the flag down held its lock before the claim's, and
--- the claim waited for it: its rows are deleted with the rest. A write that
--- comes later waits for the claim, and finds the flag up and the mark: under
--- READ COMMITTED the guard's query reads the new status; under REPEATABLE
--- READ or SERIALIZABLE, whose snapshot is older, the guard locks the tenant
--- row FOR SHARE, which fails with a serialization error (40001, retryable)
--- rather than read a stale status.
+-- Writers racing the mark: a new row of a tenant (an INSERT, or an UPDATE
+-- that sets tenant_id) has its foreign key checked, which holds the tenant
+-- row FOR KEY SHARE until its transaction ends, and the guard runs after
+-- those checks (statement-level AFTER triggers fire after row-level ones; the
+-- assert below refuses deferrable foreign keys, which would fire at commit).
+-- deprovision_claim takes the tenant row FOR UPDATE before marking it. So a
+-- writer that read the flag down held its lock before the claim's, and the
+-- claim waited for it: its rows are deleted with the rest. A write that comes
+-- later waits for the claim, and finds the flag up and the mark: under READ
+-- COMMITTED the check reads the new status; under REPEATABLE READ or
+-- SERIALIZABLE, whose snapshot is older, it locks the tenant row FOR SHARE,
+-- which fails with a serialization error (40001, retryable) rather than read
+-- a stale status. An UPDATE that keeps its row's tenant_id takes no such
+-- lock, but that row existed before the mark: the batches wait for its lock
+-- and delete it. (A marking by a plain UPDATE, not through the claim, does
+-- not wait for the writers in flight; the final sweep and the foreign keys
+-- then catch their rows.)
 --
--- Tables added later get the guard from tenant_write_guard_attach(table,
--- column); deprovisioning refuses to start while a table that references
--- tenants(id) lacks it (tenant_write_guard_assert, called by
--- deprovision_assert_tables).
-
 CREATE SEQUENCE tenant_write_guard_flag AS smallint MINVALUE 0 MAXVALUE 1;
 -- Only its owner may set it (Supabase's default privileges would give the API
 -- roles everything); anyone may read it, so that every writer's fast path works.

@@ -366,9 +366,10 @@ class Deprovisioner:
 
     async def _lower_write_guard(self, deadline: Deadline) -> None:
         """Lower the write guard's flag if no tenant is left deprovisioning
-        (docs/design.md, "Closed to writers"). A flag left up costs every write
-        a few µs until the next completion lowers it, never safety: a failure
-        here is logged, and the completed job still answers."""
+        (docs/design.md, "Closed to writers"). A flag left up makes every write
+        take the guard's full check until a later completion lowers it; it never
+        costs safety, so a failure here is logged and the completed job still
+        answers."""
         try:
             await self._db.call("tenant_write_guard_lower", {}, deadline, cap_s=RECORD_CAP_S)
         except ServiceError as error:

@@ -38,6 +38,11 @@
 -- not wait for the writers in flight; the final sweep and the foreign keys
 -- then catch their rows.)
 --
+-- Tables added later get the guard from tenant_write_guard_attach(table,
+-- column); deprovisioning refuses to start while a table that references
+-- tenants(id) lacks it (tenant_write_guard_assert, called by
+-- deprovision_assert_tables).
+
 CREATE SEQUENCE tenant_write_guard_flag AS smallint MINVALUE 0 MAXVALUE 1;
 -- Only its owner may set it (Supabase's default privileges would give the API
 -- roles everything); anyone may read it, so that every writer's fast path works.

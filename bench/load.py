@@ -908,6 +908,8 @@ AFTER_CALLS = 20
 SOAK_LOAD = 0.8
 SOAK_TICK_S = 0.01
 SOAK_DEADLINE_S = 5.0
+# Who used the CPUs in each soak minute (SoakMinute.cpu_s).
+CPU_PARTS = ("service", "postgres", "generator", "other", "steal")
 
 
 def add_overload_arguments(group: argparse._ArgumentGroup) -> None:
@@ -1331,6 +1333,10 @@ class SoakMinute:
     # The service's own durations of the OK calls that ended in this minute,
     # from its access log: without the load generator's share of the CPUs.
     server_s: list[float] = field(default_factory=list)
+    # What else the minute's p99 depends on: CPU seconds spent in the minute
+    # by the service, PostgreSQL, this load generator and everything else on
+    # the machine (busy time not theirs), and stolen by the hypervisor.
+    cpu_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok_latencies(self) -> list[float]:
@@ -1362,7 +1368,11 @@ async def soak(
         wall_origin = time.time()
         in_flight: set[asyncio.Task[CallRecord]] = set()
         records: list[CallRecord] = []
+        by_minute: dict[int, list[CallRecord]] = {}
+        sorted_up_to = 0
         rss_by_minute: list[int] = []
+        usage_by_minute: list[dict[str, float]] = []
+        cpu_before = _stack_cpu_seconds(process)
         launched = 0
         next_minute = 60.0
         while (now := time.monotonic() - origin) < total_s:
@@ -1384,7 +1394,16 @@ async def soak(
                 # latencies measured here as if the server had been slow.
                 gc.freeze()
                 rss_by_minute.append(process.memory_info().rss)
-                minute_calls = [c for c in records if next_minute - 60 <= c.started < next_minute]
+                cpu_now = _stack_cpu_seconds(process)
+                usage_by_minute.append(_cpu_spent(cpu_before, cpu_now))
+                cpu_before = cpu_now
+                # Only the records that came in since the last minute: a scan of
+                # all of them stalls this loop longer each minute (about 20 ms by
+                # minute 10), and the calls due meanwhile then leave at once.
+                for record in records[sorted_up_to:]:
+                    by_minute.setdefault(int(record.started // 60), []).append(record)
+                sorted_up_to = len(records)
+                minute_calls = by_minute.get(len(rss_by_minute) - 1, [])
                 ok = [c.latency_s for c in minute_calls if c.ok]
                 say(
                     f"soak: minute {len(rss_by_minute)}: {len(minute_calls):,} calls,"
@@ -1398,18 +1417,57 @@ async def soak(
             await asyncio.wait(in_flight)
         if len(rss_by_minute) < math.ceil(minutes):
             rss_by_minute.append(process.memory_info().rss)
+            usage_by_minute.append(_cpu_spent(cpu_before, _stack_cpu_seconds(process)))
         minutes_seen = [
             SoakMinute(
                 m + 1,
                 [c for c in records if m * 60 <= c.started < (m + 1) * 60],
                 rss,
+                cpu_s=usage,
             )
-            for m, rss in enumerate(rss_by_minute)
+            for m, (rss, usage) in enumerate(zip(rss_by_minute, usage_by_minute, strict=True))
         ]
         return minutes_seen, wall_origin
     finally:
         for channel in channels:
             await channel.close()
+
+
+def _cpu_seconds(process: psutil.Process) -> float:
+    try:
+        times = process.cpu_times()
+    except psutil.Error:
+        return 0.0  # it exited meanwhile
+    return float(times.user + times.system)
+
+
+def _stack_cpu_seconds(service: psutil.Process) -> dict[str, float]:
+    """CPU seconds so far of the service, of PostgreSQL's processes (the server
+    and its backends), of this process, and of the whole machine: busy and
+    stolen."""
+    machine = psutil.cpu_times()
+    idle = machine.idle + getattr(machine, "iowait", 0.0)
+    busy = sum(machine) - idle
+    postgres = sum(
+        _cpu_seconds(p) for p in psutil.process_iter(["name"]) if p.info["name"] == "postgres"
+    )
+    return {
+        "service": _cpu_seconds(service),
+        "postgres": postgres,
+        "generator": _cpu_seconds(psutil.Process()),
+        "busy": busy,
+        "steal": getattr(machine, "steal", 0.0),
+    }
+
+
+def _cpu_spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Each part's CPU seconds between two samples; `other` is the machine's
+    busy time that was none of ours."""
+    spent = {name: after[name] - before[name] for name in after}
+    spent["other"] = max(
+        0.0, spent["busy"] - spent["service"] - spent["postgres"] - spent["generator"]
+    )
+    return spent
 
 
 def _slope_per_minute(values: Sequence[float]) -> float:
@@ -1484,6 +1542,8 @@ def report_soak(minutes: Sequence[SoakMinute], rate: float, capacity: float) -> 
                 server_change,
                 _counted(errors) if errors else "0",
                 _mib(m.rss),
+                f"{m.cpu_s['service'] * 1000 / len(ok):.2f}" if ok else "-",
+                *(f"{m.cpu_s[part] / 60:.2f}" for part in CPU_PARTS),
             ]
         )
     print(
@@ -1499,15 +1559,20 @@ def report_soak(minutes: Sequence[SoakMinute], rate: float, capacity: float) -> 
                 "server p99 vs previous",
                 "errors",
                 "RSS MiB",
+                "service CPU ms/call",
+                *(f"{part} CPUs" for part in CPU_PARTS),
             ],
             rows,
-            right=(0, 1, 2, 3, 4, 5, 6, 7, 9),
+            right=(0, 1, 2, 3, 4, 5, 6, 7, *range(9, 11 + len(CPU_PARTS))),
         )
     )
     print()
     print(
         "p50/p99: as the load generator saw them (it shares the 2 CPUs with the service and"
-        " PostgreSQL); server p99: the service's own duration of each call (its access log)."
+        " PostgreSQL); server p99: the service's own duration of each call (its access log);"
+        " service CPU ms/call: the service's CPU time in the minute over its OK calls;"
+        " ... CPUs: CPUs kept busy on average over the minute by the service, PostgreSQL,"
+        " the load generator, everything else on the machine, and the hypervisor (steal)."
     )
     print()
     rss = [m.rss / MIB for m in minutes]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -36,3 +38,13 @@ def create_migrated_database(server_url: str, name: str) -> str:
 def drop_database(server_url: str, name: str) -> None:
     with psycopg.connect(server_url, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@contextmanager
+def throwaway_database(server_url: str, name: str) -> Iterator[str]:
+    """A fresh database `name` with the real migrations, dropped afterwards: its URL."""
+    url = create_migrated_database(server_url, name)
+    try:
+        yield url
+    finally:
+        drop_database(server_url, name)

@@ -19,7 +19,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 
-from devkit.databases import create_migrated_database, drop_database
+from devkit.databases import throwaway_database
 from shared.auth import TokenRegistry
 from shared.database import Database
 from shared.proto_gen.provisioning.v1 import provisioning_pb2 as pb
@@ -53,13 +53,10 @@ def discovery_name() -> str:
 
 @pytest.fixture(scope="module")
 def discovery_url(pg_server_url: str, discovery_name: str) -> Iterator[str]:
-    url = create_migrated_database(pg_server_url, discovery_name)
-    try:
+    with throwaway_database(pg_server_url, discovery_name) as url:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(DISCOVERY_TABLES.read_text())
         yield url
-    finally:
-        drop_database(pg_server_url, discovery_name)
 
 
 @pytest.fixture

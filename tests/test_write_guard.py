@@ -20,7 +20,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 
-from devkit.databases import create_migrated_database, drop_database
+from devkit.databases import throwaway_database
 from shared.auth import TokenRegistry
 from shared.database import Database
 from shared.proto_gen.provisioning.v1 import provisioning_pb2 as pb
@@ -45,11 +45,8 @@ def guard_name() -> str:
 
 @pytest.fixture(scope="module")
 def guard_url(pg_server_url: str, guard_name: str) -> Iterator[str]:
-    url = create_migrated_database(pg_server_url, guard_name)
-    try:
+    with throwaway_database(pg_server_url, guard_name) as url:
         yield url
-    finally:
-        drop_database(pg_server_url, guard_name)
 
 
 @pytest.fixture

@@ -1418,10 +1418,12 @@ async def soak(
         if len(rss_by_minute) < math.ceil(minutes):
             rss_by_minute.append(process.memory_info().rss)
             usage_by_minute.append(_cpu_spent(cpu_before, _stack_cpu_seconds(process)))
+        for record in records[sorted_up_to:]:
+            by_minute.setdefault(int(record.started // 60), []).append(record)
         minutes_seen = [
             SoakMinute(
                 m + 1,
-                [c for c in records if m * 60 <= c.started < (m + 1) * 60],
+                by_minute.get(m, []),
                 rss,
                 cpu_s=usage,
             )

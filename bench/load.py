@@ -24,7 +24,9 @@ each with a 30 s deadline and no backoff, for `--duration` seconds:
 the 1k-client tenant (same generator), crm_svc and then the floor server each
 get STEADY_CALLERS callers back to back (the steady state), then N calls at
 once over `--burst-channels` channels with a `--burst-deadline` each, while
-another process checks health every 100 ms; reported: outcomes by status code
+another process checks health every 100 ms; then the same burst alone against
+the shedding floor (the floor server refusing every call: the fastest shedding
+this machine can do); reported: outcomes by status code
 with latency per code, health latency, RSS, OK throughput against the steady
 state, and the goals of docs/design.md ("Admission"). `--soak-minutes M`
 (with or without `--burst`) runs crm_svc for M minutes at 80% of the steady
@@ -899,6 +901,8 @@ BURST_DB = "crm_burst"
 BURST_TENANT = SMALL
 # Callers that measure the steady state (back to back), over the burst's channels.
 STEADY_CALLERS = 64
+# The floor server that refuses every call (bench/floor_server.py, FLOOR_SHED=1).
+SHEDDING_FLOOR = "shedding floor"
 HEALTH_EVERY_S = 0.1
 HEALTH_TIMEOUT_S = 5.0
 RSS_EVERY_S = 0.1
@@ -1087,32 +1091,36 @@ async def burst_against(
     pid: int,
     args: argparse.Namespace,
     metadata: tuple[tuple[str, str], ...],
+    *,
+    serves: bool = True,
 ) -> BurstResult:
     """Steady state (with health probed), then the burst (health probed, RSS
-    sampled), then AFTER_CALLS calls one by one."""
+    sampled), then AFTER_CALLS calls one by one. A server that `serves` no
+    call (the shedding floor) gets the burst alone."""
     process = psutil.Process(pid)
     channels = [grpc.aio.insecure_channel(address) for _ in range(args.burst_channels)]
     try:
         await asyncio.gather(*(c.channel_ready() for c in channels))
         stubs = [crm_pb2_grpc.CrmServiceStub(c) for c in channels]
         request = crm_pb2.PipelineSummaryRequest(tenant_id=BURST_TENANT.tenant_id)
-        await warm_up(stubs, metadata, BURST_TENANT)
-
-        # Steady state: callers back to back, as in the load phases.
         steady = PhaseResult(
             f"{name} steady", BURST_TENANT, STEADY_CALLERS, len(stubs), args.steady_seconds
         )
-        prober = HealthProber(address)
-        await prober.start()
-        await LoadRun(stubs, metadata, steady, process).run()
-        steady_health = await prober.stop()
-        say(
-            f"burst: {name} steady state: {len(steady.ok_calls) / steady.wall_s:,.1f} OK/s,"
-            f" {len(steady.errors)} errors"
-        )
+        steady_health: list[HealthProbe] = []
+        if serves:
+            await warm_up(stubs, metadata, BURST_TENANT)
+            # Steady state: callers back to back, as in the load phases.
+            prober = HealthProber(address)
+            await prober.start()
+            await LoadRun(stubs, metadata, steady, process).run()
+            steady_health = await prober.stop()
+            say(
+                f"burst: {name} steady state: {len(steady.ok_calls) / steady.wall_s:,.1f} OK/s,"
+                f" {len(steady.errors)} errors"
+            )
+            await asyncio.sleep(1.0)  # let the steady state's last calls settle
 
         # The burst.
-        await asyncio.sleep(1.0)  # let the steady state's last calls settle
         rss_before = process.memory_info().rss
         peak = [rss_before]
         prober = HealthProber(address)
@@ -1133,7 +1141,7 @@ async def burst_against(
         rss_after = process.memory_info().rss
 
         after_ok = 0
-        for _ in range(AFTER_CALLS):
+        for _ in range(AFTER_CALLS if serves else 0):
             record = await _timed_call(stubs[0], request, metadata, CALL_DEADLINE_S, origin)
             after_ok += record.ok
         result = BurstResult(
@@ -1150,8 +1158,8 @@ async def burst_against(
             wall_s,
         )
         say(
-            f"burst: {name}: {_counted([c.code for c in calls])} in {wall_s:.1f}s;"
-            f" after: {after_ok}/{AFTER_CALLS} OK"
+            f"burst: {name}: {_counted([c.code for c in calls])} in {wall_s:.1f}s"
+            + (f"; after: {after_ok}/{AFTER_CALLS} OK" if serves else "")
         )
         return result
     finally:
@@ -1189,6 +1197,11 @@ def report_burst(results: Sequence[BurstResult], args: argparse.Namespace) -> No
         " answer); latency per code from each call's start to its status"
     )
     print(
+        f"- the {SHEDDING_FLOOR}: a bare grpc.aio server that refuses every call at once"
+        " (RESOURCE_EXHAUSTED + RetryInfo, no database), the same burst alone: the least time"
+        " in which this machine answers it from Python; a shed p99 below it cannot be had here"
+    )
+    print(
         f"- the load generator shares the machine's {os.cpu_count()} CPUs with the server and"
         f" PostgreSQL; machine load average (1 min) at the end {os.getloadavg()[0]:.1f}"
     )
@@ -1220,6 +1233,8 @@ def report_burst(results: Sequence[BurstResult], args: argparse.Namespace) -> No
     rows = []
     for r in results:
         for label, probes in (("steady", r.steady_health), ("burst", r.health)):
+            if not probes and label == "steady":
+                continue  # no steady state (the shedding floor)
             statuses = Counter(p.status for p in probes)
             rows.append(
                 [
@@ -1242,6 +1257,8 @@ def report_burst(results: Sequence[BurstResult], args: argparse.Namespace) -> No
     print()
     rows = []
     for r in results:
+        if r.server == SHEDDING_FLOOR:
+            continue  # it serves nothing
         steady_ok = [c.latency_s for c in r.steady_calls if c.ok]
         rows.append(
             [
@@ -1280,6 +1297,16 @@ def report_burst(results: Sequence[BurstResult], args: argparse.Namespace) -> No
         )
     )
     print()
+    shed_floor = [
+        c.latency_s
+        for r in results
+        if r.server == SHEDDING_FLOOR
+        for c in r.calls
+        if c.code == "RESOURCE_EXHAUSTED"
+    ]
+    floor_note = (
+        f" ({SHEDDING_FLOOR}: {format_ms(percentile(shed_floor, 99))} ms)" if shed_floor else ""
+    )
     for r in results:
         if r.server != "crm_svc":
             continue
@@ -1297,7 +1324,7 @@ def report_burst(results: Sequence[BurstResult], args: argparse.Namespace) -> No
             (
                 "shed p99 <= 500 ms",
                 not shed or percentile(shed, 99) <= 0.5,
-                f"{format_ms(percentile(shed, 99))} ms" if shed else "none shed",
+                (f"{format_ms(percentile(shed, 99))} ms" if shed else "none shed") + floor_note,
             ),
             (
                 "health p99 <= 100 ms",
@@ -1634,6 +1661,17 @@ async def run_overload(args: argparse.Namespace) -> None:
             log_path=BENCH_DATA_DIR / "floor_server_burst.log",
         ) as floor:
             results.append(await burst_against("floor", floor.address, floor.pid, args, metadata))
+        async with running_service(
+            "bench.floor_server",
+            listen_var="FLOOR_LISTEN",
+            env={"FLOOR_SHED": "1"},
+            log_path=BENCH_DATA_DIR / "shedding_floor_burst.log",
+        ) as shedding:
+            results.append(
+                await burst_against(
+                    SHEDDING_FLOOR, shedding.address, shedding.pid, args, metadata, serves=False
+                )
+            )
         report_burst(results, args)
     if soak_minutes:
         # The service has stopped: its log is complete.

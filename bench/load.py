@@ -914,6 +914,9 @@ SOAK_TICK_S = 0.01
 SOAK_DEADLINE_S = 5.0
 # Who used the CPUs in each soak minute (SoakMinute.cpu_s).
 CPU_PARTS = ("service", "postgres", "generator", "other", "steal")
+# The canary: a fixed pure-Python job (about 3 ms of CPU here) timed once a second.
+CANARY_EVERY_S = 1.0
+CANARY_ITERATIONS = 60_000
 
 
 def add_overload_arguments(group: argparse._ArgumentGroup) -> None:
@@ -1364,10 +1367,54 @@ class SoakMinute:
     # by the service, PostgreSQL, this load generator and everything else on
     # the machine (busy time not theirs), and stolen by the hypervisor.
     cpu_s: dict[str, float] = field(default_factory=dict)
+    # The CPU times of the canary's runs that started in this minute.
+    canary_s: list[float] = field(default_factory=list)
 
     @property
     def ok_latencies(self) -> list[float]:
         return [c.latency_s for c in self.calls if c.ok]
+
+
+def _canary_job() -> int:
+    total = 0
+    for i in range(CANARY_ITERATIONS):
+        total += i * i % 7
+    return total
+
+
+def _canary_process(conn: Connection) -> None:
+    """In a process of its own: every CANARY_EVERY_S, the canary job and the
+    CPU time it took (its thread's clock), until the parent sends anything;
+    then send back the (monotonic start, CPU seconds) of each run."""
+    runs: list[tuple[float, float]] = []
+    conn.send("ready")
+    while not conn.poll(CANARY_EVERY_S):
+        started = time.monotonic()
+        cpu_before = time.thread_time()
+        _canary_job()
+        runs.append((started, time.thread_time() - cpu_before))
+    conn.send(runs)
+
+
+class CpuCanary:
+    """How fast the machine's CPUs ran, independent of our code: the same job's
+    CPU time rises when the VM's CPUs run slower (the host giving them less,
+    unreported as steal, or caches shared with a neighbour)."""
+
+    def __init__(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_canary_process, args=(child,), daemon=True)
+
+    async def start(self) -> None:
+        self._process.start()
+        await asyncio.to_thread(self._conn.recv)
+
+    async def stop(self) -> list[tuple[float, float]]:
+        self._conn.send("stop")
+        runs: list[tuple[float, float]] = await asyncio.to_thread(self._conn.recv)
+        await asyncio.to_thread(self._process.join, 10)
+        return runs
 
 
 async def soak(
@@ -1389,6 +1436,8 @@ async def soak(
         request = crm_pb2.PipelineSummaryRequest(tenant_id=BURST_TENANT.tenant_id)
         await warm_up(stubs, metadata, BURST_TENANT)
         total_s = minutes * 60
+        canary = CpuCanary()
+        await canary.start()
         gc.collect()
         gc.freeze()
         origin = time.monotonic()
@@ -1447,12 +1496,16 @@ async def soak(
             usage_by_minute.append(_cpu_spent(cpu_before, _stack_cpu_seconds(process)))
         for record in records[sorted_up_to:]:
             by_minute.setdefault(int(record.started // 60), []).append(record)
+        canary_by_minute: dict[int, list[float]] = {}
+        for started, cpu_s in await canary.stop():
+            canary_by_minute.setdefault(int((started - origin) // 60), []).append(cpu_s)
         minutes_seen = [
             SoakMinute(
                 m + 1,
                 by_minute.get(m, []),
                 rss,
                 cpu_s=usage,
+                canary_s=canary_by_minute.get(m, []),
             )
             for m, (rss, usage) in enumerate(zip(rss_by_minute, usage_by_minute, strict=True))
         ]
@@ -1573,6 +1626,7 @@ def report_soak(minutes: Sequence[SoakMinute], rate: float, capacity: float) -> 
                 _mib(m.rss),
                 f"{m.cpu_s['service'] * 1000 / len(ok):.2f}" if ok else "-",
                 *(f"{m.cpu_s[part] / 60:.2f}" for part in CPU_PARTS),
+                f"{percentile(m.canary_s, 50) * 1000:.2f}" if m.canary_s else "-",
             ]
         )
     print(
@@ -1590,9 +1644,10 @@ def report_soak(minutes: Sequence[SoakMinute], rate: float, capacity: float) -> 
                 "RSS MiB",
                 "service CPU ms/call",
                 *(f"{part} CPUs" for part in CPU_PARTS),
+                "canary CPU ms",
             ],
             rows,
-            right=(0, 1, 2, 3, 4, 5, 6, 7, *range(9, 11 + len(CPU_PARTS))),
+            right=(0, 1, 2, 3, 4, 5, 6, 7, *range(9, 12 + len(CPU_PARTS))),
         )
     )
     print()
@@ -1601,7 +1656,10 @@ def report_soak(minutes: Sequence[SoakMinute], rate: float, capacity: float) -> 
         " PostgreSQL); server p99: the service's own duration of each call (its access log);"
         " service CPU ms/call: the service's CPU time in the minute over its OK calls;"
         " ... CPUs: CPUs kept busy on average over the minute by the service, PostgreSQL,"
-        " the load generator, everything else on the machine, and the hypervisor (steal)."
+        " the load generator, everything else on the machine, and the hypervisor (steal);"
+        f" canary CPU ms: the median CPU time of a fixed pure-Python job run every"
+        f" {CANARY_EVERY_S:g}s in a process of its own: the same work, so it rises only when"
+        " the machine's CPUs run slower."
     )
     print()
     rss = [m.rss / MIB for m in minutes]
@@ -1617,6 +1675,13 @@ def report_soak(minutes: Sequence[SoakMinute], rate: float, capacity: float) -> 
         f"{'met' if worst['client'] <= 0.2 else 'MISSED'} / "
         f"{'met' if worst['server'] <= 0.2 else 'MISSED'})"
     )
+    canary = [percentile(m.canary_s, 50) for m in minutes if m.canary_s]
+    if canary:
+        print(
+            f"- canary CPU ms per minute from {min(canary) * 1000:.2f} to"
+            f" {max(canary) * 1000:.2f} ({max(canary) / min(canary) - 1:.0%} apart): the"
+            " machine's own drift over the soak"
+        )
     print()
 
 

@@ -99,6 +99,21 @@ class SheddingServicer(crm_pb2_grpc.CrmServiceServicer):
         raise AssertionError("abort_with_status returned")
 
 
+async def serve(
+    server: grpc.aio.Server, servicer: crm_pb2_grpc.CrmServiceServicer, name: str
+) -> None:
+    """Serve `servicer` and health on FLOOR_LISTEN until terminated; the bench
+    reads the port from the line printed once started."""
+    crm_pb2_grpc.add_CrmServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    port = server.add_insecure_port(os.environ["FLOOR_LISTEN"])
+    await server.start()
+    print(f"{name} on port {port}", flush=True)
+    await server.wait_for_termination()
+
+
 async def serve_shedding() -> None:
     server = grpc.aio.server(
         options=[
@@ -106,14 +121,7 @@ async def serve_shedding() -> None:
             ("grpc.server.max_pending_requests_hard_limit", CORE_MAX_PENDING_REQUESTS_HARD),
         ]
     )
-    crm_pb2_grpc.add_CrmServiceServicer_to_server(SheddingServicer(), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    port = server.add_insecure_port(os.environ["FLOOR_LISTEN"])
-    await server.start()
-    print(f"shedding floor server on port {port}", flush=True)
-    await server.wait_for_termination()
+    await serve(server, SheddingServicer(), "shedding floor server")
 
 
 async def main() -> None:
@@ -129,16 +137,8 @@ async def main() -> None:
         open=False,
     )
     await pool.open(wait=True)
-    server = grpc.aio.server()
-    crm_pb2_grpc.add_CrmServiceServicer_to_server(FloorServicer(pool), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    port = server.add_insecure_port(os.environ["FLOOR_LISTEN"])
-    await server.start()
-    print(f"floor server on port {port}", flush=True)
     try:
-        await server.wait_for_termination()
+        await serve(grpc.aio.server(), FloorServicer(pool), "floor server")
     finally:
         await pool.close()
 

@@ -56,7 +56,8 @@ import shlex
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -92,7 +93,7 @@ from bench.pipeline_summary import (
 )
 from crm_svc.pipeline import SUMMARY_CAP_S
 from devkit.pooler import INSTALL_HINT, Pooler, pgbouncer_binary
-from devkit.processes import running_service
+from devkit.processes import RunningService, running_service
 from shared.auth import SCOPE_PIPELINE_READ
 from shared.proto_gen.crm.v1 import crm_pb2, crm_pb2_grpc
 from shared.settings import Settings
@@ -668,6 +669,15 @@ async def _one_floor_run(
             await channel.close()
 
 
+def floor_server(
+    env: Mapping[str, str], log_name: str
+) -> AbstractAsyncContextManager[RunningService]:
+    """bench/floor_server.py running with `env`, its output in BENCH_DATA_DIR/log_name."""
+    return running_service(
+        "bench.floor_server", listen_var="FLOOR_LISTEN", env=env, log_path=BENCH_DATA_DIR / log_name
+    )
+
+
 async def compare_with_floor(
     args: argparse.Namespace,
     server: BenchServer,
@@ -697,11 +707,8 @@ async def compare_with_floor(
                     env={**service_env, "DATABASE_URL": db_url},
                     log_path=BENCH_DATA_DIR / f"crm_svc_floor_{connection}.log",
                 ) as service,
-                running_service(
-                    "bench.floor_server",
-                    listen_var="FLOOR_LISTEN",
-                    env={"DATABASE_URL": db_url, **floor_env},
-                    log_path=BENCH_DATA_DIR / f"floor_server_{connection}.log",
+                floor_server(
+                    {"DATABASE_URL": db_url, **floor_env}, f"floor_server_{connection}.log"
                 ) as floor,
             ):
                 servers = {"floor": floor, "crm_svc": service}
@@ -1740,19 +1747,9 @@ async def run_overload(args: argparse.Namespace) -> None:
                 service.address, service.pid, rate, args.soak_minutes, metadata, args.burst_channels
             )
     if args.burst:
-        async with running_service(
-            "bench.floor_server",
-            listen_var="FLOOR_LISTEN",
-            env={"DATABASE_URL": url},
-            log_path=BENCH_DATA_DIR / "floor_server_burst.log",
-        ) as floor:
+        async with floor_server({"DATABASE_URL": url}, "floor_server_burst.log") as floor:
             results.append(await burst_against("floor", floor.address, floor.pid, args, metadata))
-        async with running_service(
-            "bench.floor_server",
-            listen_var="FLOOR_LISTEN",
-            env={"FLOOR_SHED": "1"},
-            log_path=BENCH_DATA_DIR / "shedding_floor_burst.log",
-        ) as shedding:
+        async with floor_server({"FLOOR_SHED": "1"}, "shedding_floor_burst.log") as shedding:
             results.append(
                 await burst_against(
                     SHEDDING_FLOOR, shedding.address, shedding.pid, args, metadata, serves=False
@@ -1764,12 +1761,7 @@ async def run_overload(args: argparse.Namespace) -> None:
         add_server_durations(soak_minutes, BENCH_DATA_DIR / "crm_svc_burst.log", soak_started)
         report_soak(soak_minutes, rate, capacity)
     if soak_minutes and args.soak_floor:
-        async with running_service(
-            "bench.floor_server",
-            listen_var="FLOOR_LISTEN",
-            env={"DATABASE_URL": url},
-            log_path=BENCH_DATA_DIR / "floor_server_soak.log",
-        ) as floor:
+        async with floor_server({"DATABASE_URL": url}, "floor_server_soak.log") as floor:
             capacity = await measure_capacity(floor.address, floor.pid, args, metadata)
             rate = SOAK_LOAD * capacity
             say(f"soak: the floor server, {args.soak_minutes:g} min at {rate:,.1f} calls/s")
